@@ -1,0 +1,186 @@
+//! Per-vCPU CPUID, MSRs and local APIC set-up.
+
+use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, CpuId, Msrs};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Topology level types in leaves 0xB/0x1F.
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Adapts the host-supported CPUID to vCPU `id` of `count` (one socket, one thread per core):
+/// APIC IDs, logical processor counts and topology leaves, and the hypervisor bit.
+pub fn vcpu_cpuid(supported: &CpuId, id: u32, count: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    let core_bits = u32::BITS - count.saturating_sub(1).leading_zeros();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((count & 0xff) << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1. EAX[25:14]: logical CPUs sharing this
+                // cache - 1: the last level (L3) is shared by all, the others are per core.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 {
+                    count.saturating_sub(1)
+                } else {
+                    0
+                };
+                e.eax = (e.eax & 0x3fff)
+                    | ((count.saturating_sub(1) & 0x3f) << 26)
+                    | ((sharing & 0xfff) << 14);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                e.edx = id;
+                let (eax, ebx, level_type) = match e.index {
+                    0 => (0, 1, LEVEL_SMT),
+                    1 => (core_bits, count, LEVEL_CORE),
+                    _ => (0, 0, 0),
+                };
+                e.eax = eax;
+                e.ebx = ebx;
+                e.ecx = (e.index & 0xff) | (level_type << 8);
+            }
+            LEAF_AMD_SIZES => {
+                e.ecx = (e.ecx & !0xff) | (count.saturating_sub(1) & 0xff);
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 0x6;
+
+/// The MSR list exceeded KVM's FAM capacity (cannot happen for the constant boot list).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the boot MSR list: {0:?}")]
+pub struct MsrListError(vmm_sys_util::fam::Error);
+
+/// The MSR values every vCPU starts with.
+pub fn boot_msrs() -> Result<Msrs, MsrListError> {
+    let entries: Vec<kvm_msr_entry> = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
+    ]
+    .iter()
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
+    .collect();
+    Msrs::from_entries(&entries).map_err(MsrListError)
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn get_reg(lapic: &kvm_lapic_state, off: usize) -> u32 {
+    let b = |i: usize| lapic.regs.get(off + i).copied().unwrap_or_default() as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+fn set_reg(lapic: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, byte) in v.to_le_bytes().into_iter().enumerate() {
+        if let Some(r) = lapic.regs.get_mut(off + i) {
+            *r = byte as _;
+        }
+    }
+}
+
+/// Wires LINT0 to ExtINT (the 8259 PIC) and LINT1 to NMI, as PC firmware does.
+pub fn set_lint(lapic: &mut kvm_lapic_state) {
+    let lvt0 = get_reg(lapic, APIC_LVT0);
+    set_reg(lapic, APIC_LVT0, (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8));
+    let lvt1 = get_reg(lapic, APIC_LVT1);
+    set_reg(lapic, APIC_LVT1, (lvt1 & !0x700) | (APIC_MODE_NMI << 8));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_ids_and_topology_follow_the_vcpu() {
+        let supported =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(4, 0)]).unwrap();
+        let c = vcpu_cpuid(&supported, 3, 4);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 3);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(s[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(s[0].edx & EDX_HTT, 0);
+        assert_eq!(s[1].edx, 3);
+        assert_eq!((s[2].eax, s[2].ebx, s[2].ecx >> 8), (2, 4, LEVEL_CORE));
+        assert_eq!(s[3].eax >> 26, 3);
+        let one = vcpu_cpuid(&supported, 0, 1);
+        assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
+        assert_eq!(one.as_slice()[2].eax, 0);
+    }
+
+    #[test]
+    fn lint_pins_are_extint_and_nmi() {
+        let mut l = kvm_lapic_state::default();
+        set_lint(&mut l);
+        assert_eq!((get_reg(&l, APIC_LVT0) >> 8) & 7, APIC_MODE_EXTINT);
+        assert_eq!((get_reg(&l, APIC_LVT1) >> 8) & 7, APIC_MODE_NMI);
+    }
+
+    #[test]
+    fn boot_msrs_enable_mtrrs() {
+        let m = boot_msrs().unwrap();
+        assert!(m
+            .as_slice()
+            .iter()
+            .any(|e| e.index == MSR_MTRR_DEF_TYPE && e.data == MTRR_ENABLE_WB));
+    }
+}

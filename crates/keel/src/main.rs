@@ -1,0 +1,144 @@
+//! `keel`: run a VM on the serial console, or check what this host offers.
+
+mod host_check;
+mod terminal;
+
+use clap::{Parser, Subcommand};
+use keel_vmm::{parse_size, VmConfig, VmIo, Vmm};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a KVM hypervisor",
+    propagate_version = true
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); also KEEL_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM with its serial console on this terminal.
+    ///
+    /// The VM ends when the guest powers off or reboots (exit status 0), on SIGINT/SIGTERM
+    /// (128+signal), on Ctrl-A x typed at the console (0), or when a vCPU fails (1).
+    Run(RunArgs),
+    /// Report whether this host can run Keel VMs: the KVM kind, capabilities, cgroups, devices.
+    HostCheck {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: bzImage, or ELF vmlinux (booted via PVH when it has the PVH note).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (initramfs).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = keel_vmm::config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = keel_vmm::config::DEFAULT_VCPUS)]
+    cpus: u32,
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M", value_parser = memory_size)]
+    memory: u64,
+    /// Do not append the guest-side parameters this host's KVM needs (e.g. on PVM).
+    #[arg(long)]
+    no_host_quirks: bool,
+}
+
+fn memory_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line naming the problem (clap's first line), exit status 2.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("keel: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    init_logging(&cli.log);
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::HostCheck { json } => host_check::run(json),
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = std::env::var("KEEL_LOG").unwrap_or_else(|_| default.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: args.cpus,
+        memory: args.memory,
+        host_quirks: !args.no_host_quirks,
+    };
+    let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
+    let io = VmIo {
+        serial_out: Box::new(std::io::stdout()),
+        console_in: stdin,
+        console_escape: true,
+    };
+    let vmm = match Vmm::new(config, io) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return ExitCode::from(if e.is_usage() { 2 } else { 1 });
+        }
+    };
+    if let Err(e) = keel_vmm::install_stop_signal_handlers() {
+        eprintln!("keel: {e}");
+        return ExitCode::from(1);
+    }
+    // Raw mode only for an interactive console; restored when the guard drops, before the
+    // summary is printed.
+    let raw = terminal::RawMode::enable_on_stdin();
+    let result = vmm.run();
+    drop(raw);
+    match result {
+        Ok(outcome) => {
+            eprintln!("{}", outcome.summary());
+            ExitCode::from(outcome.exit_code().clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("keel: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

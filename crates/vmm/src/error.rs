@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+
+/// Why a VM could not be built or run. Messages name the input at fault and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("--cpus must be at least 1")]
+    NoVcpus,
+    #[error("--cpus {asked} is more than this host's KVM allows ({max})")]
+    TooManyVcpus { asked: u32, max: usize },
+    #[error("--memory {asked} is too small: a VM needs at least {min}")]
+    TooLittleMemory { asked: String, min: String },
+    #[error("--memory {asked} is more than this host has ({host})")]
+    TooMuchMemory { asked: String, host: String },
+    #[error("kernel {path}: {source}")]
+    KernelFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {path}: {source}")]
+    InitrdFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {path}: {source}")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: keel_arch::boot::BootError,
+    },
+    #[error("{0}")]
+    Hypervisor(#[from] keel_hypervisor::Error),
+    #[error("cannot allocate {size} of guest memory: {reason}")]
+    GuestMemory { size: String, reason: String },
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] keel_arch::acpi::AcpiError),
+    #[error("boot page tables: {0}")]
+    BootTables(#[from] keel_arch::regs::RegsError),
+    #[error("boot MSRs: {0}")]
+    Msrs(#[from] keel_arch::cpu::MsrListError),
+    #[error("device set-up: {0}")]
+    Bus(#[from] keel_devices::BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmError {
+    /// True when the user's request was at fault (exit status 2), not the host.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            VmmError::NoVcpus
+                | VmmError::TooManyVcpus { .. }
+                | VmmError::TooLittleMemory { .. }
+                | VmmError::TooMuchMemory { .. }
+                | VmmError::KernelFile { .. }
+                | VmmError::InitrdFile { .. }
+                | VmmError::Kernel { .. }
+        )
+    }
+}

@@ -1,0 +1,130 @@
+//! How a VM ended, and what `keel run` tells the user about it.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum ExitReason {
+    /// The guest powered off; `source` names the mechanism (e.g. "ACPI S5").
+    PowerOff { source: &'static str },
+    /// The guest reset itself: "i8042 reset", "ACPI reset", "triple fault", ...
+    Reset { source: &'static str },
+    /// Every vCPU halted with nothing left to wake it.
+    Halted,
+    /// The guest reported a crash through KVM.
+    GuestCrash,
+    /// The host asked Keel to stop (SIGINT, SIGTERM).
+    Signal(i32),
+    /// The user typed the console escape (Ctrl-A x).
+    ConsoleEscape,
+    /// A vCPU could not continue: KVM internal error, failed entry, or a KVM ioctl error.
+    /// The message carries the vCPU's registers and code bytes.
+    VcpuFailed { vcpu: u32, message: String },
+}
+
+impl ExitReason {
+    /// `keel run`'s exit status: 0 when the guest ended itself (power-off, reboot, halt) or the
+    /// user quit from the console, 128+N for a signal, 1 for a failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff { .. }
+            | ExitReason::Reset { .. }
+            | ExitReason::Halted
+            | ExitReason::ConsoleEscape => 0,
+            ExitReason::Signal(n) => 128 + n,
+            ExitReason::GuestCrash | ExitReason::VcpuFailed { .. } => 1,
+        }
+    }
+
+    /// One line (failures: one line, then the register dump) for the user.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::PowerOff { source } => format!("guest powered off ({source})"),
+            ExitReason::Reset { source } => format!("guest rebooted ({source})"),
+            ExitReason::Halted => "all vCPUs halted".into(),
+            ExitReason::GuestCrash => "guest reported a crash".into(),
+            ExitReason::Signal(n) => format!("stopped by {}", signal_name(*n)),
+            ExitReason::ConsoleEscape => "stopped from the console (Ctrl-A x)".into(),
+            ExitReason::VcpuFailed { vcpu, message } => format!("vCPU {vcpu} failed: {message}"),
+        }
+    }
+}
+
+fn signal_name(n: i32) -> String {
+    match n {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Counters of what the vCPUs did, for diagnostics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExitStats {
+    pub io_exits: u64,
+    pub mmio_exits: u64,
+    /// Port accesses with no device behind them (reads see all-ones).
+    pub unhandled_io: u64,
+    /// MMIO accesses with no device behind them (reads see all-ones).
+    pub unhandled_mmio: u64,
+    /// Guest writes to the read-only ROM area (ignored).
+    pub rom_writes: u64,
+}
+
+/// The end of a VM's life.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    pub wall_time: Duration,
+    pub stats: ExitStats,
+    /// The last POST code the guest wrote to port 0x80, if any.
+    pub last_post_code: Option<u8>,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        self.reason.exit_code()
+    }
+
+    /// The summary `keel run` prints on stderr.
+    pub fn summary(&self) -> String {
+        format!(
+            "keel: {} after {:.2} s",
+            self.reason.describe(),
+            self.wall_time.as_secs_f64()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        assert_eq!(ExitReason::PowerOff { source: "ACPI S5" }.exit_code(), 0);
+        assert_eq!(
+            ExitReason::Reset {
+                source: "triple fault"
+            }
+            .exit_code(),
+            0
+        );
+        assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
+        let f = ExitReason::VcpuFailed {
+            vcpu: 1,
+            message: "x".into(),
+        };
+        assert_eq!(f.exit_code(), 1);
+        assert!(f.describe().starts_with("vCPU 1 failed"));
+        let o = Outcome {
+            reason: ExitReason::Signal(libc::SIGINT),
+            wall_time: Duration::from_millis(1500),
+            stats: ExitStats::default(),
+            last_post_code: None,
+        };
+        assert_eq!(o.summary(), "keel: stopped by SIGINT after 1.50 s");
+    }
+}

@@ -1,0 +1,302 @@
+//! Assembling a VM from a [`VmConfig`]: guest memory, firmware tables, kernel, devices, vCPUs.
+
+use crate::config::{format_size, host_memory, VmConfig};
+use crate::exit::ExitReason;
+use crate::runner::{Shared, StopState};
+use crate::{quirks, VmmError};
+use keel_arch::acpi::{self, AcpiConfig};
+use keel_arch::boot::{self, BootConfig, LoadedKernel};
+use keel_arch::layout::{self, MIN_MEMORY};
+use keel_arch::{cpu, regs};
+use keel_devices::acpi_pm::AcpiPm;
+use keel_devices::cmos::Cmos;
+use keel_devices::debug_port::DebugPort;
+use keel_devices::i8042::I8042;
+use keel_devices::serial::{Serial, SerialOut};
+use keel_devices::{Bus, PlatformEvents};
+use keel_hypervisor::{HostInfo, Hypervisor, MemorySlot, Vcpu, Vm};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1.
+const SERIAL_PORT: u16 = 0x3f8;
+const SERIAL_IRQ: u32 = 4;
+/// SCI: unused by a hardware-reduced guest, but the FADT must name a valid ISA IRQ.
+const SCI_IRQ: u16 = 9;
+
+/// Where the console goes and comes from.
+pub struct VmIo {
+    /// Everything the guest writes to COM1.
+    pub serial_out: SerialOut,
+    /// Console input (stdin for `keel run`); `None` for no input.
+    pub console_in: Option<OwnedFd>,
+    /// Treat Ctrl-A x on the console input as "stop the VM" (Ctrl-A Ctrl-A sends one Ctrl-A).
+    pub console_escape: bool,
+}
+
+impl VmIo {
+    /// Output to `out`, no input.
+    pub fn output_only(out: SerialOut) -> Self {
+        VmIo {
+            serial_out: out,
+            console_in: None,
+            console_escape: false,
+        }
+    }
+}
+
+/// What was built, for logs and tests.
+#[derive(Clone, Debug)]
+pub struct BootInfo {
+    pub host: HostInfo,
+    pub kernel: LoadedKernel,
+    /// The command line the guest got (with host quirks applied).
+    pub cmdline: String,
+    /// The quirks appended, if any.
+    pub quirks: Option<&'static str>,
+}
+
+/// A VM ready to run.
+pub struct Vmm {
+    pub(crate) config: VmConfig,
+    pub(crate) boot: BootInfo,
+    // Field order is drop order: vCPUs, then the VM, then the guest memory they map (in
+    // `shared`).
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) vm: Vm,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) debug_port: Arc<Mutex<DebugPort>>,
+    pub(crate) console_in: Option<OwnedFd>,
+    pub(crate) console_escape: bool,
+}
+
+impl Vmm {
+    /// Validates `config` and builds the VM. Nothing runs until [`Vmm::run`].
+    pub fn new(config: VmConfig, io: VmIo) -> Result<Vmm, VmmError> {
+        validate_memory(&config)?;
+        let mut kernel = File::open(&config.kernel).map_err(|source| VmmError::KernelFile {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        boot::detect_format(&mut kernel).map_err(|source| VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        let mut initrd = match &config.initrd {
+            Some(p) => Some(File::open(p).map_err(|source| VmmError::InitrdFile {
+                path: p.clone(),
+                source,
+            })?),
+            None => None,
+        };
+
+        let hv = Hypervisor::open()?;
+        validate_vcpus(config.vcpus, hv.max_vcpus())?;
+        let host = hv.host_info();
+        if let Some(cap) = host.missing_required() {
+            return Err(keel_hypervisor::Error::MissingCapability(cap).into());
+        }
+        let mut vm = hv.create_vm()?;
+        vm.create_irqchip()?;
+
+        let mem = create_guest_memory(&mut vm, config.memory)?;
+        let rsdp_addr = acpi::write_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                vcpus: config.vcpus,
+                sci_irq: SCI_IRQ,
+            },
+        )?;
+        regs::write_boot_tables(&mem)?;
+
+        let (cmdline, quirks) = if config.host_quirks {
+            quirks::apply(&config.cmdline, host.kind)
+        } else {
+            (config.cmdline.clone(), None)
+        };
+        if let Some(q) = quirks {
+            tracing::info!(
+                "{} host: appending to the guest command line: {q}",
+                host.kind
+            );
+        }
+        let loaded = boot::load_kernel(
+            &mem,
+            &mut kernel,
+            initrd.as_mut(),
+            &BootConfig {
+                mem_size: config.memory,
+                cmdline: &cmdline,
+                rsdp_addr,
+            },
+        )
+        .map_err(|source| VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+
+        let stop = Arc::new(StopState::new()?);
+        let events: Arc<dyn PlatformEvents> = stop.clone();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
+            what: "serial interrupt eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+        let VmIo {
+            serial_out,
+            console_in,
+            console_escape,
+        } = io;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+        let debug_port = Arc::new(Mutex::new(DebugPort::default()));
+        let low_mem = layout::low_ram_end(config.memory);
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), SERIAL_PORT.into(), 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(events.clone()))),
+            I8042::BASE.into(),
+            I8042::LEN.into(),
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(Cmos::new(low_mem, config.memory - low_mem))),
+            Cmos::BASE.into(),
+            Cmos::LEN.into(),
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPm::new(
+                events,
+                acpi::S5_SLEEP_TYPE,
+                acpi::PM_RESET_VALUE,
+            ))),
+            acpi::PM_PORT_BASE.into(),
+            acpi::PM_PORT_COUNT.into(),
+        )?;
+        pio.insert(debug_port.clone(), DebugPort::PORT.into(), 1)?;
+
+        let vcpus = create_vcpus(&hv, &vm, &config, &loaded)?;
+        let shared = Arc::new(Shared::new(pio, Bus::new(), mem, stop, config.vcpus));
+        Ok(Vmm {
+            boot: BootInfo {
+                host,
+                kernel: loaded,
+                cmdline,
+                quirks,
+            },
+            config,
+            vcpus,
+            shared,
+            serial,
+            debug_port,
+            console_in,
+            console_escape,
+            vm,
+        })
+    }
+
+    /// What was built.
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Asks the VM to stop as soon as possible (safe from any thread).
+    pub fn request_stop(&self, reason: ExitReason) {
+        self.shared.stop.request(reason);
+    }
+}
+
+fn validate_memory(config: &VmConfig) -> Result<(), VmmError> {
+    if config.memory < MIN_MEMORY {
+        return Err(VmmError::TooLittleMemory {
+            asked: format_size(config.memory),
+            min: format_size(MIN_MEMORY),
+        });
+    }
+    if let Some(host) = host_memory() {
+        if config.memory > host {
+            return Err(VmmError::TooMuchMemory {
+                asked: format_size(config.memory),
+                host: format_size(host),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate_vcpus(vcpus: u32, max: usize) -> Result<(), VmmError> {
+    if vcpus == 0 {
+        return Err(VmmError::NoVcpus);
+    }
+    // ACPI MADT entries carry 8-bit APIC IDs; 0xff is broadcast.
+    let max = max.min(254);
+    if vcpus as usize > max {
+        return Err(VmmError::TooManyVcpus { asked: vcpus, max });
+    }
+    Ok(())
+}
+
+fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let ranges = layout::ram_ranges(size);
+    let spec: Vec<(GuestAddress, usize)> = ranges
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&spec).map_err(|e| VmmError::GuestMemory {
+        size: format_size(size),
+        reason: e.to_string(),
+    })?;
+    for (region, range) in mem.iter().zip(&ranges) {
+        let host_addr = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::GuestMemory {
+                size: format_size(size),
+                reason: e.to_string(),
+            })? as u64;
+        // SAFETY: `host_addr..+len` is the anonymous mapping of `region`, owned by `mem`.
+        // `mem` is moved into `Shared`, which outlives the VM: the `Vmm` drops `vcpus` and the
+        // VM handle before the last `Arc<Shared>` can go (vCPU threads are joined in `run`).
+        unsafe {
+            vm.map_memory(MemorySlot {
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr,
+                read_only: range.read_only,
+            })?;
+        }
+    }
+    Ok(mem)
+}
+
+fn create_vcpus(
+    hv: &Hypervisor,
+    vm: &Vm,
+    config: &VmConfig,
+    loaded: &LoadedKernel,
+) -> Result<Vec<Vcpu>, VmmError> {
+    let supported = hv.supported_cpuid()?;
+    let msrs = cpu::boot_msrs()?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&cpu::vcpu_cpuid(&supported, id, config.vcpus))?;
+        vcpu.set_msrs(&msrs)?;
+        vcpu.set_fpu(&regs::boot_fpu())?;
+        let mut lapic = vcpu.get_lapic()?;
+        cpu::set_lint(&mut lapic);
+        vcpu.set_lapic(&lapic)?;
+        if id == 0 {
+            let sregs = regs::boot_sregs(&vcpu.get_sregs()?, loaded.entry);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&regs::boot_regs(loaded.entry))?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
