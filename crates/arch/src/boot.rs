@@ -125,7 +125,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, kernel, highmem)?;
             let hdr = r.setup_header.unwrap_or_default();
-            if hdr.xloadflags & XLF_KERNEL_64 as u16 == 0 {
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::No64BitEntry);
             }
             let entry = r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET;
@@ -291,7 +291,7 @@ fn write_zero_page<M: GuestMemoryBackend>(
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cfg.cmdline.len() as u32 + 1;
-    params.hdr.loadflags |= CAN_USE_HEAP as u8;
+    params.hdr.loadflags |= CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;

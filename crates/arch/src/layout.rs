@@ -39,6 +39,11 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// The smallest VM Keel builds: room for the boot structures, a kernel and an initrd.
 pub const MIN_MEMORY: u64 = 32 << 20;
 
+// The boot structures must not overlap each other or the EBDA.
+const _: () = assert!(PDE_START + PDE_PAGES * 0x1000 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
+
 /// e820 memory types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -171,12 +176,5 @@ mod tests {
         assert!(e
             .iter()
             .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
-    }
-
-    #[test]
-    fn boot_structures_fit_below_the_ebda() {
-        assert!(PDE_START + PDE_PAGES * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
     }
 }

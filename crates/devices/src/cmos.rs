@@ -277,7 +277,7 @@ mod tests {
     fn nvram_reports_memory_sizes() {
         let mut c = Cmos::with_clock(3 << 30, 1 << 30, fixed);
         let lo = |c: &mut Cmos, a: u8| u16::from(reg(c, a)) | u16::from(reg(c, a + 1)) << 8;
-        assert_eq!(lo(&mut c, 0x34), ((3u64 << 30) - (16 << 20) >> 16) as u16);
+        assert_eq!(lo(&mut c, 0x34), (((3u64 << 30) - (16 << 20)) >> 16) as u16);
         assert_eq!(reg(&mut c, 0x5c), 0x40); // 1 GiB = 0x4000 64K blocks
                                              // Index beyond 127 wraps into range via the 0x7f mask.
         c.write(0, &[0xff]);

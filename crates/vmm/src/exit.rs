@@ -19,8 +19,12 @@ pub enum ExitReason {
     /// The user typed the console escape (Ctrl-A x).
     ConsoleEscape,
     /// A vCPU could not continue: KVM internal error, failed entry, or a KVM ioctl error.
-    /// The message carries the vCPU's registers and code bytes.
-    VcpuFailed { vcpu: u32, message: String },
+    /// `state` holds the vCPU's registers and the code bytes at RIP.
+    VcpuFailed {
+        vcpu: u32,
+        error: String,
+        state: String,
+    },
 }
 
 impl ExitReason {
@@ -37,7 +41,7 @@ impl ExitReason {
         }
     }
 
-    /// One line (failures: one line, then the register dump) for the user.
+    /// One line for the user.
     pub fn describe(&self) -> String {
         match self {
             ExitReason::PowerOff { source } => format!("guest powered off ({source})"),
@@ -46,7 +50,7 @@ impl ExitReason {
             ExitReason::GuestCrash => "guest reported a crash".into(),
             ExitReason::Signal(n) => format!("stopped by {}", signal_name(*n)),
             ExitReason::ConsoleEscape => "stopped from the console (Ctrl-A x)".into(),
-            ExitReason::VcpuFailed { vcpu, message } => format!("vCPU {vcpu} failed: {message}"),
+            ExitReason::VcpuFailed { vcpu, error, .. } => format!("vCPU {vcpu} failed: {error}"),
         }
     }
 }
@@ -88,13 +92,21 @@ impl Outcome {
         self.reason.exit_code()
     }
 
-    /// The summary `keel run` prints on stderr.
+    /// The summary `keel run` prints on stderr: one line, then the vCPU state for a failure.
     pub fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "keel: {} after {:.2} s",
             self.reason.describe(),
             self.wall_time.as_secs_f64()
-        )
+        );
+        if let ExitReason::VcpuFailed { state, .. } = &self.reason {
+            s.push('\n');
+            s.push_str(state);
+        }
+        if let (Some(code), true) = (self.last_post_code, self.exit_code() != 0) {
+            s.push_str(&format!("\n  last POST code (port 0x80): {code:#04x}"));
+        }
+        s
     }
 }
 
@@ -115,7 +127,8 @@ mod tests {
         assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
         let f = ExitReason::VcpuFailed {
             vcpu: 1,
-            message: "x".into(),
+            error: "x".into(),
+            state: "  rip=0x1".into(),
         };
         assert_eq!(f.exit_code(), 1);
         assert!(f.describe().starts_with("vCPU 1 failed"));
@@ -126,5 +139,14 @@ mod tests {
             last_post_code: None,
         };
         assert_eq!(o.summary(), "keel: stopped by SIGINT after 1.50 s");
+        let failed = Outcome {
+            reason: f,
+            last_post_code: Some(0x42),
+            ..o
+        };
+        assert_eq!(
+            failed.summary(),
+            "keel: vCPU 1 failed: x after 1.50 s\n  rip=0x1\n  last POST code (port 0x80): 0x42"
+        );
     }
 }

@@ -19,4 +19,4 @@ pub use config::{parse_size, VmConfig};
 pub use error::VmmError;
 pub use exit::{ExitReason, ExitStats, Outcome};
 pub use runner::install_stop_signal_handlers;
-pub use vm::{BootInfo, VmIo, Vmm};
+pub use vm::{BootInfo, StopHandle, VmIo, Vmm};

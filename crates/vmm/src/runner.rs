@@ -206,10 +206,10 @@ fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>) {
             // A halted vCPU (empty message) just leaves; the others carry on.
             Next::Fatal(msg) if msg.is_empty() => break,
             Next::Fatal(msg) => {
-                let message = format!("{msg}\n{}", describe_vcpu(&vcpu, &sh.mem));
                 sh.stop.request(ExitReason::VcpuFailed {
                     vcpu: vcpu.id(),
-                    message,
+                    error: msg,
+                    state: describe_vcpu(&vcpu, &sh.mem),
                 });
                 break;
             }

@@ -48,6 +48,16 @@ impl VmIo {
     }
 }
 
+/// Stops a running VM from another thread.
+#[derive(Clone)]
+pub struct StopHandle(Arc<StopState>);
+
+impl StopHandle {
+    pub fn stop(&self, reason: ExitReason) {
+        self.0.request(reason);
+    }
+}
+
 /// What was built, for logs and tests.
 #[derive(Clone, Debug)]
 pub struct BootInfo {
@@ -209,6 +219,11 @@ impl Vmm {
     /// Asks the VM to stop as soon as possible (safe from any thread).
     pub fn request_stop(&self, reason: ExitReason) {
         self.shared.stop.request(reason);
+    }
+
+    /// A handle that can stop the VM from another thread while [`Vmm::run`] is running.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.shared.stop.clone())
     }
 }
 
