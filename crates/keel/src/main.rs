@@ -70,9 +70,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             // One line naming the problem (clap's first line), exit status 2.
+            // Clap's message runs until the first blank line (a header and its indented items).
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("keel: {}", first.trim_start_matches("error: "));
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("keel: {}", message.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
         Err(e) => {

@@ -1,0 +1,263 @@
+//! The `keel` command as a user runs it: bad input gets one line and exit status 2; a guest's
+//! power-off and reboot end `keel run` with 0 and a summary; SIGTERM stops a VM cleanly.
+//! Tests that boot a guest are reported as ignored (skipped) when /dev/kvm is unusable.
+
+use keel_guest_kit::KitImage;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn keel() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+    c.stdin(Stdio::null());
+    c
+}
+
+fn output(c: &mut Command) -> Result<Output, Failed> {
+    c.output()
+        .map_err(|e| format!("cannot run keel: {e}").into())
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `keel` failed with status 2 and exactly one line on stderr containing `needle`.
+fn expect_usage_error(args: &[&str], needle: &str) -> Result<(), Failed> {
+    let o = output(keel().args(args))?;
+    let err = stderr(&o);
+    if o.status.code() != Some(2) {
+        return Err(format!("{args:?}: status {:?}, stderr: {err}", o.status).into());
+    }
+    if err.trim_end().lines().count() != 1 || !err.contains(needle) {
+        return Err(
+            format!("{args:?}: expected one line mentioning {needle:?}, got:\n{err}").into(),
+        );
+    }
+    if err.contains("panicked") {
+        return Err(format!("{args:?} panicked: {err}").into());
+    }
+    Ok(())
+}
+
+fn tmpfile(name: &str, bytes: &[u8]) -> String {
+    let p = std::env::temp_dir().join(format!("keel-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, bytes).expect("temp dir is writable");
+    p.to_string_lossy().into_owned()
+}
+
+fn kit() -> String {
+    KitImage::PvhElf.path().to_string_lossy().into_owned()
+}
+
+fn usage(name: &str, args: &'static [&'static str], needle: &'static str) -> Trial {
+    Trial::test(name, move || expect_usage_error(args, needle))
+}
+
+fn no_kvm_trials() -> Vec<Trial> {
+    let notkernel = tmpfile(
+        "notkernel",
+        b"this is not a kernel image at all, just text\n",
+    );
+    vec![
+        usage(
+            "missing_kernel_file",
+            &["run", "--kernel", "/nonexistent/vmlinux"],
+            "/nonexistent/vmlinux",
+        ),
+        Trial::test("file_that_is_not_a_kernel", move || {
+            expect_usage_error(&["run", "--kernel", &notkernel], "not a kernel image")
+        }),
+        usage(
+            "malformed_memory_size",
+            &["run", "--kernel", "x", "--memory", "12Q"],
+            "not a size",
+        ),
+        usage(
+            "memory_size_overflow",
+            &["run", "--kernel", "x", "--memory", "99999999999T"],
+            "too large",
+        ),
+        usage(
+            "non_numeric_cpus",
+            &["run", "--kernel", "x", "--cpus", "two"],
+            "--cpus",
+        ),
+        usage("missing_required_kernel_flag", &["run"], "--kernel"),
+        usage(
+            "unknown_flag",
+            &["run", "--kernel", "x", "--frobnicate"],
+            "--frobnicate",
+        ),
+        Trial::test("help_exits_zero", || {
+            let o = output(keel().arg("--help"))?;
+            let out = String::from_utf8_lossy(&o.stdout);
+            if !o.status.success() || !out.contains("host-check") {
+                return Err(format!("--help: {:?} {out}", o.status).into());
+            }
+            Ok(())
+        }),
+    ]
+}
+
+fn run_kit(cmdline: &str, extra: &[&str]) -> Result<Output, Failed> {
+    let k = kit();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        &k,
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "64M",
+    ];
+    args.extend_from_slice(extra);
+    output(keel().args(&args))
+}
+
+fn kvm_trials() -> Vec<Trial> {
+    let empty_initrd = tmpfile("empty-initrd", b"");
+    vec![
+        Trial::test("zero_cpus", || {
+            expect_usage_error(&["run", "--kernel", &kit(), "--cpus", "0"], "--cpus")
+        }),
+        Trial::test("cpus_above_kvm_limit", || {
+            expect_usage_error(
+                &["run", "--kernel", &kit(), "--cpus", "100000"],
+                "--cpus 100000",
+            )
+        }),
+        Trial::test("zero_memory", || {
+            expect_usage_error(&["run", "--kernel", &kit(), "--memory", "0"], "--memory 0")
+        }),
+        Trial::test("memory_above_host", || {
+            expect_usage_error(
+                &["run", "--kernel", &kit(), "--memory", "64T"],
+                "more than this host",
+            )
+        }),
+        Trial::test("missing_initrd", || {
+            expect_usage_error(
+                &["run", "--kernel", &kit(), "--initrd", "/nonexistent/initrd"],
+                "/nonexistent/initrd",
+            )
+        }),
+        Trial::test("empty_initrd", move || {
+            expect_usage_error(
+                &["run", "--kernel", &kit(), "--initrd", &empty_initrd],
+                "initrd",
+            )
+        }),
+        Trial::test("cmdline_too_long", || {
+            let long = "x".repeat(5000);
+            expect_usage_error(
+                &["run", "--kernel", &kit(), "--cmdline", &long],
+                "command line",
+            )
+        }),
+        Trial::test("host_check_reports_kvm_kind", || {
+            let o = output(keel().arg("host-check"))?;
+            let out = String::from_utf8_lossy(&o.stdout);
+            if !o.status.success() || !out.contains("kind:") || !out.contains("cgroups:") {
+                return Err(format!("host-check: {:?}\n{out}", o.status).into());
+            }
+            let j = output(keel().args(["host-check", "--json"]))?;
+            let js = String::from_utf8_lossy(&j.stdout);
+            if !js.contains("\"usable\": true") {
+                return Err(format!("host-check --json: {js}").into());
+            }
+            Ok(())
+        }),
+        Trial::test("poweroff_exits_zero_with_summary", || {
+            let o = run_kit("test=hello", &["--cpus", "2"])?;
+            let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+            if o.status.code() != Some(0)
+                || !out.contains("KIT-PASS hello")
+                || !err.contains("guest powered off (ACPI S5) after")
+            {
+                return Err(format!("status {:?}\nstdout: {out}\nstderr: {err}", o.status).into());
+            }
+            Ok(())
+        }),
+        Trial::test("reboot_exits_zero_with_summary", || {
+            let o = run_kit("test=hello exit=i8042", &[])?;
+            let err = stderr(&o);
+            if o.status.code() != Some(0) || !err.contains("guest rebooted (i8042 reset)") {
+                return Err(format!("status {:?} stderr: {err}", o.status).into());
+            }
+            Ok(())
+        }),
+        Trial::test("vcpu_failure_exits_nonzero_with_registers", || {
+            let o = run_kit("test=hello exit=bad-fetch", &[])?;
+            let err = stderr(&o);
+            if o.status.code() != Some(1)
+                || !err.contains("vCPU 0 failed")
+                || !err.contains("rip=")
+                || err.contains("panicked")
+            {
+                return Err(format!("status {:?} stderr: {err}", o.status).into());
+            }
+            Ok(())
+        }),
+        Trial::test("sigterm_stops_the_vm_cleanly", sigterm_test),
+    ]
+}
+
+fn sigterm_test() -> Result<(), Failed> {
+    // The console kit test waits for input; stdin is a pipe we never write to.
+    let mut child = keel()
+        .args([
+            "run",
+            "--kernel",
+            &kit(),
+            "--cmdline",
+            "test=console",
+            "--memory",
+            "64M",
+            "--cpus",
+            "2",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let o = child.wait_with_output().map_err(|e| e.to_string())?;
+            let err = stderr(&o);
+            if status.code() != Some(143) || !err.contains("stopped by SIGTERM") {
+                return Err(format!("status {status:?} stderr: {err}").into());
+            }
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            return Err("keel did not stop within 10 s of SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trials = no_kvm_trials();
+    let mut kvm = kvm_trials();
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!(
+            "\n*** SKIPPING {} KVM CLI tests: /dev/kvm: {e} ***\n",
+            kvm.len()
+        );
+        kvm = kvm.into_iter().map(|t| t.with_ignored_flag(true)).collect();
+    }
+    trials.append(&mut kvm);
+    libtest_mimic::run(&args, trials).exit();
+}
