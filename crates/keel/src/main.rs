@@ -18,7 +18,7 @@ use std::process::ExitCode;
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); also KEEL_LOG.
-    #[arg(long, global = true, default_value = "warn")]
+    #[arg(long, global = true, default_value = "info")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -101,6 +101,7 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 }

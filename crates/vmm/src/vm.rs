@@ -129,10 +129,7 @@ impl Vmm {
             (config.cmdline.clone(), None)
         };
         if let Some(q) = quirks {
-            tracing::info!(
-                "{} host: appending to the guest command line: {q}",
-                host.kind
-            );
+            tracing::info!("PVM host: appending the guest kernel parameters PVM needs: {q}");
         }
         let loaded = boot::load_kernel(
             &mem,
