@@ -119,6 +119,8 @@ const UNHANDLED_LOG_LIMIT: u64 = 16;
 /// What the exit loop does after handling one exit.
 enum Next {
     Continue,
+    /// This vCPU is done (halted for good); the others carry on.
+    Leave,
     Stop(ExitReason),
     Fatal(String),
 }
@@ -167,7 +169,7 @@ fn handle_exit(vcpu: &mut Vcpu, sh: &Shared) -> Next {
             if sh.running_vcpus.fetch_sub(1, Ordering::SeqCst) == 1 {
                 Next::Stop(ExitReason::Halted)
             } else {
-                Next::Fatal(String::new())
+                Next::Leave
             }
         }
         Ok(VcpuExit::Shutdown) => Next::Stop(ExitReason::Reset { source: "triple fault" }),
@@ -203,8 +205,7 @@ fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>) {
                 sh.stop.request(reason);
                 break;
             }
-            // A halted vCPU (empty message) just leaves; the others carry on.
-            Next::Fatal(msg) if msg.is_empty() => break,
+            Next::Leave => break,
             Next::Fatal(msg) => {
                 sh.stop.request(ExitReason::VcpuFailed {
                     vcpu: vcpu.id(),
