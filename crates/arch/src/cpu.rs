@@ -64,6 +64,26 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u32, count: u32) -> CpuId {
     cpuid
 }
 
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+/// KVM paravirtual features a guest uses through the `vmcall` hypercall instruction:
+/// PV_UNHALT (7, KVM_HC_KICK_CPU), PV_SEND_IPI (11), PV_SCHED_YIELD (13),
+/// HC_MAP_GPA_RANGE (16).
+const KVM_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13) | (1 << 16);
+
+/// Hides the KVM paravirtual features that work through hypercalls, for hosts whose KVM
+/// advertises them but cannot serve `vmcall` (PVM: a guest's PV IPI spins forever). Returns
+/// the bits that were cleared.
+pub fn mask_kvm_hypercall_features(cpuid: &mut CpuId) -> u32 {
+    let mut cleared = 0;
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_KVM_FEATURES {
+            cleared |= e.eax & KVM_HYPERCALL_FEATURES;
+            e.eax &= !KVM_HYPERCALL_FEATURES;
+        }
+    }
+    cleared
+}
+
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -165,6 +185,16 @@ mod tests {
         let one = vcpu_cpuid(&supported, 0, 1);
         assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
         assert_eq!(one.as_slice()[2].eax, 0);
+    }
+
+    #[test]
+    fn hypercall_features_can_be_masked() {
+        let mut kvm = entry(LEAF_KVM_FEATURES, 0);
+        kvm.eax = 0x1_ffff;
+        let mut c = CpuId::from_entries(&[entry(1, 0), kvm]).unwrap();
+        assert_eq!(mask_kvm_hypercall_features(&mut c), KVM_HYPERCALL_FEATURES);
+        assert_eq!(c.as_slice()[1].eax, 0x1_ffff & !KVM_HYPERCALL_FEATURES);
+        assert_eq!(mask_kvm_hypercall_features(&mut c), 0);
     }
 
     #[test]

@@ -16,6 +16,12 @@ use keel_hypervisor::KvmKind;
 pub const PVM_CMDLINE: &str = "noxsave nofsgsbase nopcid noinvpcid \
 clearcpuid=cx16,smap,popcnt,rdtscp,serialize,rdpid,114 vdso32=0";
 
+/// Whether `kind` needs KVM's hypercall-based paravirtual features hidden from the guest
+/// (PVM advertises PV IPIs and friends but spins forever on the guest's `vmcall`).
+pub fn hide_hypercall_features(kind: KvmKind) -> bool {
+    kind == KvmKind::Pvm
+}
+
 /// The parameters to append for `kind`, if any.
 pub fn cmdline_quirks(kind: KvmKind) -> Option<&'static str> {
     (kind == KvmKind::Pvm).then_some(PVM_CMDLINE)

@@ -198,8 +198,22 @@ fn unhandled(counter: &AtomicU64, what: impl FnOnce() -> String) {
 
 fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>) {
     vcpu.publish_immediate_exit();
+    run_vcpu(&mut vcpu, &sh);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let (Ok(r), Ok(mp)) = (vcpu.get_regs(), vcpu.get_mp_state()) {
+            tracing::debug!(
+                "vCPU {} left at rip={:#x} (mp_state {})",
+                vcpu.id(),
+                r.rip,
+                mp.mp_state
+            );
+        }
+    }
+}
+
+fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     while !sh.stop.is_stopping() {
-        match handle_exit(&mut vcpu, &sh) {
+        match handle_exit(vcpu, sh) {
             Next::Continue => {}
             Next::Stop(reason) => {
                 sh.stop.request(reason);
@@ -210,7 +224,7 @@ fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>) {
                 sh.stop.request(ExitReason::VcpuFailed {
                     vcpu: vcpu.id(),
                     error: msg,
-                    state: describe_vcpu(&vcpu, &sh.mem),
+                    state: describe_vcpu(vcpu, &sh.mem),
                 });
                 break;
             }

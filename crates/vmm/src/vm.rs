@@ -184,7 +184,14 @@ impl Vmm {
         )?;
         pio.insert(debug_port.clone(), DebugPort::PORT.into(), 1)?;
 
-        let vcpus = create_vcpus(&hv, &vm, &config, &loaded)?;
+        let mut cpuid = hv.supported_cpuid()?;
+        if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
+            let hidden = cpu::mask_kvm_hypercall_features(&mut cpuid);
+            if hidden != 0 {
+                tracing::info!("PVM host: hiding KVM hypercall-based PV features from the guest (CPUID 0x40000001 bits {hidden:#x})");
+            }
+        }
+        let vcpus = create_vcpus(&vm, &cpuid, &config, &loaded)?;
         let shared = Arc::new(Shared::new(pio, Bus::new(), mem, stop, config.vcpus));
         Ok(Vmm {
             boot: BootInfo {
@@ -287,17 +294,16 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<GuestMemoryMmap, VmmErr
 }
 
 fn create_vcpus(
-    hv: &Hypervisor,
     vm: &Vm,
+    supported: &keel_hypervisor::kvm_bindings::CpuId,
     config: &VmConfig,
     loaded: &LoadedKernel,
 ) -> Result<Vec<Vcpu>, VmmError> {
-    let supported = hv.supported_cpuid()?;
     let msrs = cpu::boot_msrs()?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let vcpu = vm.create_vcpu(id)?;
-        vcpu.set_cpuid(&cpu::vcpu_cpuid(&supported, id, config.vcpus))?;
+        vcpu.set_cpuid(&cpu::vcpu_cpuid(supported, id, config.vcpus))?;
         vcpu.set_msrs(&msrs)?;
         vcpu.set_fpu(&regs::boot_fpu())?;
         let mut lapic = vcpu.get_lapic()?;
