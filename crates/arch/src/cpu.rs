@@ -1,6 +1,6 @@
 //! Per-vCPU CPUID, MSRs and local APIC set-up.
 
-use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, CpuId, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_lapic_state, kvm_msr_entry, CpuId, Msrs};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -15,12 +15,33 @@ const EDX_HTT: u32 = 1 << 28;
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
 
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+const KVM_CPUID_FLAG_SIGNIFICANT_INDEX: u32 = 1;
+
+/// Errors building a vCPU's CPUID.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the CPUID table: {0:?}")]
+pub struct CpuidError(vmm_sys_util::fam::Error);
+
 /// Adapts the host-supported CPUID to vCPU `id` of `count` (one socket, one thread per core):
-/// APIC IDs, logical processor counts and topology leaves, and the hypervisor bit.
-pub fn vcpu_cpuid(supported: &CpuId, id: u32, count: u32) -> CpuId {
-    let mut cpuid = supported.clone();
+/// APIC IDs, logical processor counts, the topology leaves, and the hypervisor bit.
+///
+/// The extended topology leaves (0xB, and 0x1F where the host has it) are rebuilt with both
+/// the SMT and the core level: KVM reports only what the host has (often one subleaf), and
+/// a guest that sees an SMT level alone takes every vCPU for its own package.
+pub fn vcpu_cpuid(supported: &CpuId, id: u32, count: u32) -> Result<CpuId, CpuidError> {
     let core_bits = u32::BITS - count.saturating_sub(1).leading_zeros();
-    for e in cpuid.as_mut_slice() {
+    let has_leaf_1f = supported
+        .as_slice()
+        .iter()
+        .any(|e| e.function == LEAF_TOPOLOGY_V2);
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .as_slice()
+        .iter()
+        .filter(|e| e.function != LEAF_TOPOLOGY && e.function != LEAF_TOPOLOGY_V2)
+        .copied()
+        .collect();
+    for e in entries.iter_mut() {
         match e.function {
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((count & 0xff) << 16);
@@ -44,24 +65,44 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u32, count: u32) -> CpuId {
                     | ((count.saturating_sub(1) & 0x3f) << 26)
                     | ((sharing & 0xfff) << 14);
             }
-            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
-                e.edx = id;
-                let (eax, ebx, level_type) = match e.index {
-                    0 => (0, 1, LEVEL_SMT),
-                    1 => (core_bits, count, LEVEL_CORE),
-                    _ => (0, 0, 0),
-                };
-                e.eax = eax;
-                e.ebx = ebx;
-                e.ecx = (e.index & 0xff) | (level_type << 8);
-            }
             LEAF_AMD_SIZES => {
-                e.ecx = (e.ecx & !0xff) | (count.saturating_sub(1) & 0xff);
+                // NC: cores per package - 1; ApicIdSize: bits of the APIC ID that number cores.
+                e.ecx =
+                    (e.ecx & !0xf0ff) | (count.saturating_sub(1) & 0xff) | (core_bits.max(1) << 12);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                // Extended APIC ID; core ID (one thread per core); node 0, one node.
+                e.eax = id;
+                e.ebx = id & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
         }
     }
-    cpuid
+    let mut leaves = vec![LEAF_TOPOLOGY];
+    if has_leaf_1f {
+        leaves.push(LEAF_TOPOLOGY_V2);
+    }
+    for function in leaves {
+        for (index, eax, ebx, level_type) in [
+            (0, 0, 1, LEVEL_SMT),
+            (1, core_bits, count, LEVEL_CORE),
+            (2, 0, 0, 0),
+        ] {
+            entries.push(kvm_cpuid_entry2 {
+                function,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFICANT_INDEX,
+                eax,
+                ebx,
+                ecx: index | (level_type << 8),
+                edx: id,
+                ..Default::default()
+            });
+        }
+    }
+    CpuId::from_entries(&entries).map_err(CpuidError)
 }
 
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
@@ -169,22 +210,63 @@ mod tests {
         }
     }
 
+    fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap_or_else(|| panic!("no leaf {function:#x}.{index}"))
+    }
+
     #[test]
     fn apic_ids_and_topology_follow_the_vcpu() {
+        // What a host KVM reports: leaf 0xB with one subleaf only.
+        let supported = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(4, 0),
+            entry(LEAF_AMD_SIZES, 0),
+            entry(LEAF_AMD_TOPOLOGY, 0),
+        ])
+        .unwrap();
+        let c = vcpu_cpuid(&supported, 3, 4).unwrap();
+        let f = find(&c, 1, 0);
+        assert_eq!(f.ebx >> 24, 3);
+        assert_eq!((f.ebx >> 16) & 0xff, 4);
+        assert_ne!(f.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(f.edx & EDX_HTT, 0);
+        let smt = find(&c, 0xb, 0);
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+            (0, 1, LEVEL_SMT, 3)
+        );
+        let core = find(&c, 0xb, 1);
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.edx),
+            (2, 4, LEVEL_CORE, 3)
+        );
+        assert_eq!(find(&c, 0xb, 2).ecx >> 8, 0, "topology enumeration ends");
+        assert!(
+            c.as_slice().iter().all(|e| e.function != 0x1f),
+            "no 0x1F when the host lacks it"
+        );
+        assert_eq!(find(&c, 4, 0).eax >> 26, 3);
+        assert_eq!(find(&c, LEAF_AMD_SIZES, 0).ecx & 0xf0ff, 0x2003);
+        assert_eq!(find(&c, LEAF_AMD_TOPOLOGY, 0).eax, 3);
+        let one = vcpu_cpuid(&supported, 0, 1).unwrap();
+        assert_eq!(find(&one, 1, 0).edx & EDX_HTT, 0);
+        assert_eq!(find(&one, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn leaf_1f_is_rebuilt_when_present() {
         let supported =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(4, 0)]).unwrap();
-        let c = vcpu_cpuid(&supported, 3, 4);
-        let s = c.as_slice();
-        assert_eq!(s[0].ebx >> 24, 3);
-        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
-        assert_ne!(s[0].ecx & ECX_HYPERVISOR, 0);
-        assert_ne!(s[0].edx & EDX_HTT, 0);
-        assert_eq!(s[1].edx, 3);
-        assert_eq!((s[2].eax, s[2].ebx, s[2].ecx >> 8), (2, 4, LEVEL_CORE));
-        assert_eq!(s[3].eax >> 26, 3);
-        let one = vcpu_cpuid(&supported, 0, 1);
-        assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
-        assert_eq!(one.as_slice()[2].eax, 0);
+            CpuId::from_entries(&[entry(0x1f, 0), entry(0x1f, 1), entry(0x1f, 2)]).unwrap();
+        let c = vcpu_cpuid(&supported, 1, 2).unwrap();
+        assert_eq!(
+            c.as_slice().iter().filter(|e| e.function == 0x1f).count(),
+            3
+        );
+        assert_eq!(find(&c, 0x1f, 1).ebx, 2);
     }
 
     #[test]

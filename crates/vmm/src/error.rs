@@ -37,6 +37,8 @@ pub enum VmmError {
     Acpi(#[from] keel_arch::acpi::AcpiError),
     #[error("boot page tables: {0}")]
     BootTables(#[from] keel_arch::regs::RegsError),
+    #[error("CPUID: {0}")]
+    Cpuid(#[from] keel_arch::cpu::CpuidError),
     #[error("boot MSRs: {0}")]
     Msrs(#[from] keel_arch::cpu::MsrListError),
     #[error("device set-up: {0}")]

@@ -303,7 +303,7 @@ fn create_vcpus(
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let vcpu = vm.create_vcpu(id)?;
-        vcpu.set_cpuid(&cpu::vcpu_cpuid(supported, id, config.vcpus))?;
+        vcpu.set_cpuid(&cpu::vcpu_cpuid(supported, id, config.vcpus)?)?;
         vcpu.set_msrs(&msrs)?;
         vcpu.set_fpu(&regs::boot_fpu())?;
         let mut lapic = vcpu.get_lapic()?;
