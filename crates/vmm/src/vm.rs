@@ -147,42 +147,12 @@ impl Vmm {
         })?;
 
         let stop = Arc::new(StopState::new()?);
-        let events: Arc<dyn PlatformEvents> = stop.clone();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
-            what: "serial interrupt eventfd",
-            source,
-        })?;
-        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
         let VmIo {
             serial_out,
             console_in,
             console_escape,
         } = io;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
-        let debug_port = Arc::new(Mutex::new(DebugPort::default()));
-        let low_mem = layout::low_ram_end(config.memory);
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), SERIAL_PORT.into(), 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(events.clone()))),
-            I8042::BASE.into(),
-            I8042::LEN.into(),
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(Cmos::new(low_mem, config.memory - low_mem))),
-            Cmos::BASE.into(),
-            Cmos::LEN.into(),
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiPm::new(
-                events,
-                acpi::S5_SLEEP_TYPE,
-                acpi::PM_RESET_VALUE,
-            ))),
-            acpi::PM_PORT_BASE.into(),
-            acpi::PM_PORT_COUNT.into(),
-        )?;
-        pio.insert(debug_port.clone(), DebugPort::PORT.into(), 1)?;
+        let devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
 
         let mut cpuid = hv.supported_cpuid()?;
         if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
@@ -192,7 +162,13 @@ impl Vmm {
             }
         }
         let vcpus = create_vcpus(&vm, &cpuid, &config, &loaded)?;
-        let shared = Arc::new(Shared::new(pio, Bus::new(), mem, stop, config.vcpus));
+        let shared = Arc::new(Shared::new(
+            devices.pio,
+            Bus::new(),
+            mem,
+            stop,
+            config.vcpus,
+        ));
         Ok(Vmm {
             boot: BootInfo {
                 host,
@@ -203,8 +179,8 @@ impl Vmm {
             config,
             vcpus,
             shared,
-            serial,
-            debug_port,
+            serial: devices.serial,
+            debug_port: devices.debug_port,
             console_in,
             console_escape,
             vm,
@@ -228,6 +204,56 @@ impl Vmm {
     /// A handle that can stop the VM from another thread while [`Vmm::run`] is running.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.shared.stop.clone())
+    }
+}
+
+/// The legacy platform devices every VM has, on the port-I/O bus.
+struct PlatformDevices {
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    debug_port: Arc<Mutex<DebugPort>>,
+}
+
+impl PlatformDevices {
+    fn new(
+        vm: &Vm,
+        memory: u64,
+        stop: Arc<StopState>,
+        serial_out: SerialOut,
+    ) -> Result<Self, VmmError> {
+        let events: Arc<dyn PlatformEvents> = stop;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
+            what: "serial interrupt eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+        let debug_port = Arc::new(Mutex::new(DebugPort::default()));
+        let low_mem = layout::low_ram_end(memory);
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), SERIAL_PORT.into(), 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(events.clone()))),
+            I8042::BASE.into(),
+            I8042::LEN.into(),
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(Cmos::new(low_mem, memory - low_mem))),
+            Cmos::BASE.into(),
+            Cmos::LEN.into(),
+        )?;
+        let pm = AcpiPm::new(events, acpi::S5_SLEEP_TYPE, acpi::PM_RESET_VALUE);
+        pio.insert(
+            Arc::new(Mutex::new(pm)),
+            acpi::PM_PORT_BASE.into(),
+            acpi::PM_PORT_COUNT.into(),
+        )?;
+        pio.insert(debug_port.clone(), DebugPort::PORT.into(), 1)?;
+        Ok(PlatformDevices {
+            pio,
+            serial,
+            debug_port,
+        })
     }
 }
 
