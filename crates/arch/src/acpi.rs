@@ -46,11 +46,32 @@ pub enum AcpiError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
+/// COM1 as the guest must see it: on a hardware-reduced platform Linux wires no ISA IRQs by
+/// itself, so a UART only gets its interrupt (GSI 4, edge, active high) from this description.
+fn com1() -> Vec<u8> {
+    let mut out = Vec::new();
+    let hid = aml::EISAName::new("PNP0501");
+    let io = aml::IO::new(0x3f8, 0x3f8, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, 4);
+    let resources = aml::ResourceTemplate::new(vec![&io, &irq]);
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &resources),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 fn dsdt() -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    body.extend_from_slice(&com1());
     dsdt.append_slice(&body);
     dsdt
 }
@@ -194,6 +215,7 @@ mod tests {
                 let dsdt = table_at(&mem, dsdt_addr);
                 assert!(checksum_ok(&dsdt));
                 assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+                assert!(dsdt.windows(4).any(|w| w == b"COM1"));
             }
         }
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);

@@ -8,4 +8,5 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod layout;
+pub mod mptable;
 pub mod regs;

@@ -35,6 +35,8 @@ pub enum VmmError {
     GuestMemory { size: String, reason: String },
     #[error("ACPI tables: {0}")]
     Acpi(#[from] keel_arch::acpi::AcpiError),
+    #[error("MP table: {0}")]
+    MpTable(#[from] keel_arch::mptable::MpTableError),
     #[error("boot page tables: {0}")]
     BootTables(#[from] keel_arch::regs::RegsError),
     #[error("CPUID: {0}")]

@@ -7,7 +7,7 @@ use crate::{quirks, VmmError};
 use keel_arch::acpi::{self, AcpiConfig};
 use keel_arch::boot::{self, BootConfig, LoadedKernel};
 use keel_arch::layout::{self, MIN_MEMORY};
-use keel_arch::{cpu, regs};
+use keel_arch::{cpu, mptable, regs};
 use keel_devices::acpi_pm::AcpiPm;
 use keel_devices::cmos::Cmos;
 use keel_devices::debug_port::DebugPort;
@@ -121,6 +121,7 @@ impl Vmm {
                 sci_irq: SCI_IRQ,
             },
         )?;
+        mptable::write_mptable(&mem, config.vcpus)?;
         regs::write_boot_tables(&mem)?;
 
         let (cmdline, quirks) = if config.host_quirks {
