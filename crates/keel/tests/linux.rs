@@ -218,7 +218,13 @@ fn stock_trial(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> Trial {
 }
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // A Linux boot keeps a host core busy per vCPU for tens of seconds on PVM: boots run one
+    // at a time unless --test-threads says otherwise, so none starves the others into a
+    // timeout.
+    if args.test_threads.is_none() {
+        args.test_threads = Some(1);
+    }
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
