@@ -6,7 +6,9 @@ set -euo pipefail
 KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export KEEL_CACHE_DIR="${KEEL_CACHE_DIR:-$HOME/.cache/keel}"
 
-say() { printf '\033[1m[keel]\033[0m %s\n' "$*" >&2; }
+say() {
+    if [ -t 2 ]; then printf '\033[1m[keel]\033[0m %s\n' "$*" >&2; else printf '[keel] %s\n' "$*" >&2; fi
+}
 die() { printf '[keel] error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages for building Keel (gcc for the guest test kit) and its guest kernel.

@@ -9,10 +9,11 @@ use keel_hypervisor::KvmKind;
 /// (`guest/README.md` and the test-bed notes have the details):
 /// - `noxsave nofsgsbase nopcid noinvpcid`: the PVM instruction emulator cannot run XRSTOR64,
 ///   the FSGSBASE instructions or INVPCID in guest kernel mode;
-/// - `clearcpuid=...`: CPUID from the VMM does not reach the guest on PVM, so features whose
-///   instructions the emulator lacks (CMPXCHG16B, SMAP's CLAC, POPCNT, RDTSCP, SERIALIZE,
-///   RDPID) are turned off from the guest side;
-/// - `vdso32=0`: 32-bit user space enters the kernel through `int $0x80`, not the vDSO.
+/// - `clearcpuid=...`: features whose instructions the emulator lacks (CMPXCHG16B, SMAP's
+///   CLAC, POPCNT, RDTSCP, SERIALIZE, RDPID, LFENCE_RDTSC) are turned off from the guest side,
+///   the way the test-bed notes measured to work;
+/// - `vdso32=0`: 32-bit user space enters the kernel through `int $0x80`, not the vDSO (whose
+///   `syscall` path PVM breaks).
 pub const PVM_CMDLINE: &str = "noxsave nofsgsbase nopcid noinvpcid \
 clearcpuid=cx16,smap,popcnt,rdtscp,serialize,rdpid,114 vdso32=0";
 

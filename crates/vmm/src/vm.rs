@@ -129,9 +129,6 @@ impl Vmm {
         } else {
             (config.cmdline.clone(), None)
         };
-        if let Some(q) = quirks {
-            tracing::info!("PVM host: appending the guest kernel parameters PVM needs: {q}");
-        }
         let loaded = boot::load_kernel(
             &mem,
             &mut kernel,
@@ -159,10 +156,14 @@ impl Vmm {
         if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
             let hidden = cpu::mask_kvm_hypercall_features(&mut cpuid);
             if hidden != 0 {
-                tracing::info!("PVM host: hiding KVM hypercall-based PV features from the guest (CPUID 0x40000001 bits {hidden:#x})");
+                tracing::debug!("PVM host: hid KVM hypercall-based PV features (CPUID 0x40000001 bits {hidden:#x})");
             }
         }
         let vcpus = create_vcpus(&vm, &cpuid, &config, &loaded)?;
+        // Said once the request is known to be good, so bad input gets exactly one line.
+        if let Some(q) = quirks {
+            tracing::info!("PVM host: appending the guest kernel parameters PVM needs: {q}");
+        }
         let shared = Arc::new(Shared::new(
             devices.pio,
             Bus::new(),
