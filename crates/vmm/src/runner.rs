@@ -290,13 +290,15 @@ fn stop_threads(threads: Vec<std::thread::JoinHandle<()>>) {
     // Kick until every thread has left KVM_RUN: a kick that lands between the stop check and
     // KVM_RUN is caught by immediate_exit, but repeat in case a thread had not yet published.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_micros(50);
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         for t in threads.iter().filter(|t| !t.is_finished()) {
             // SAFETY: the pthread_t comes from a live JoinHandle (not yet joined), so it names
             // a thread of this process; the kick signal has a handler that only sets a flag.
             unsafe { libc::pthread_kill(t.as_pthread_t(), keel_hypervisor::kick_signal()) };
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
     for t in threads {
         if t.is_finished() {
