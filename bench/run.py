@@ -40,14 +40,17 @@ MARKER = b"KEEL-INIT-OK"
 RUN_INIT = b"Run /init"
 LINUX_VERSION = b"Linux version"
 POWER_DOWN = b"reboot: Power down"
+# What Linux prints instead when the platform offers no way to power off (Firecracker).
+SYSTEM_HALTED = b"reboot: System halted"
 MEMORY_MIB = 256
 # Kernel parameters every VMM gets in (b); the PVM ones come from `guest/build.sh cmdline`.
 BASE_CMDLINE = "console=ttyS0 panic=-1 keel_exit=poweroff"
 PVM_QUIRKS = ("noxsave nofsgsbase nopcid noinvpcid "
               "clearcpuid=cx16,smap,popcnt,rdtscp,serialize,rdpid,114 vdso32=0")
 QEMU_COMMON = ["-enable-kvm", "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot"]
-# A VMM that printed "reboot: Power down" but does not exit within this many seconds is killed
-# (Firecracker has no power-off device: for it the line itself counts as the exit).
+# A VMM that printed "reboot: Power down" (or "reboot: System halted") but does not exit within
+# this many seconds is killed (Firecracker has no power-off device: for it the line itself
+# counts as the exit).
 POWER_DOWN_GRACE = 10.0
 
 
@@ -249,6 +252,8 @@ def run_once(argv, timeout, marker=None, power_down_is_exit=False, log_path=None
                 for key, pat in watch.items():
                     if pat and res[key] is None and buf.find(pat, start) >= 0:
                         res[key] = now - t0
+                if res["t_power_down"] is None and buf.find(SYSTEM_HALTED, start) >= 0:
+                    res["t_power_down"] = now - t0
 
     while not exited:
         now = time.monotonic()
