@@ -239,6 +239,36 @@ static void test_acpi(struct boot *b) {
     check(a.hw_reduced == 1, "FADT is not hardware-reduced");
 }
 
+/* The MP table, found the way Linux looks for it: the floating pointer at the start of the
+ * EBDA, its configuration table, and one enabled processor entry per vCPU. */
+static void test_mptable(struct boot *b) {
+    const u8 *fp = 0;
+    for (u64 p = 0x9fc00; p < 0xa0000; p += 16)
+        if (streq_n((const char *)p, "_MP_", 4)) { fp = (const u8 *)p; break; }
+    check(fp != 0, "no MP floating pointer in the EBDA");
+    if (!fp) return;
+    check(sum_ok(fp, 16), "MP floating pointer checksum");
+    const u8 *t = (const u8 *)(u64)*(const u32 *)(fp + 4);
+    check(streq_n((const char *)t, "PCMP", 4), "MP configuration table signature");
+    u16 len = *(const u16 *)(t + 4), count = *(const u16 *)(t + 34);
+    check(sum_ok(t, len), "MP configuration table checksum");
+    u32 cpus = 0, bsps = 0, ioapics = 0, irqs = 0, off = 44;
+    for (u16 i = 0; i < count && off < len; i++) {
+        u8 type = t[off];
+        if (type == 0) { cpus += t[off + 3] & 1; bsps += (t[off + 3] >> 1) & 1; off += 20; continue; }
+        if (type == 2) ioapics++;
+        if (type == 3) irqs++;
+        off += 8;
+    }
+    puts("KIT: mptable cpus="); putdec(cpus); puts(" ioapics="); putdec(ioapics);
+    puts(" isa irqs="); putdec(irqs); puts("\n");
+    check(off == len, "MP entries do not add up to the table length");
+    check(bsps == 1, "expected exactly one bootstrap processor");
+    u64 want = parse_dec(param(b->cmdline, "cpus"));
+    if (want) check(cpus == want, "MP processor count differs from cpus=");
+    check(ioapics == 1 && irqs == 16, "expected one IOAPIC and 16 ISA interrupts");
+}
+
 static void lapic_icr(u32 dest, u32 low) {
     mmio_write32(LAPIC + 0x310, dest << 24);
     mmio_write32(LAPIC + 0x300, low);
@@ -385,6 +415,7 @@ void kit_main(u64 info, int proto) {
     const char *test = param(b.cmdline, "test");
     static const struct { const char *name; void (*fn)(struct boot *); } tests[] = {
         {"hello", test_hello}, {"memory", test_memory}, {"acpi", test_acpi}, {"smp", test_smp},
+        {"mptable", test_mptable},
         {"io", test_io},       {"mmio", test_mmio},     {"hlt", test_hlt},   {"console", test_console},
     };
     current = "none";

@@ -165,6 +165,20 @@ fn trials() -> Vec<Trial> {
             },
         ));
     }
+    for cpus in [1u32, 3] {
+        t.push(Trial::test(
+            format!("mp_table_describes_{cpus}_cpus"),
+            move || {
+                let r = run(
+                    KitImage::Elf64,
+                    &format!("test=mptable cpus={cpus}"),
+                    cpus,
+                    MEM,
+                )?;
+                expect_pass(&r, "mptable")
+            },
+        ));
+    }
     for cpus in [2u32, 4] {
         t.push(Trial::test(
             format!("smp_all_{cpus}_vcpus_start_on_init_sipi"),
