@@ -6,7 +6,7 @@
 //! makes the next `KVM_RUN` return `EINTR` at once, and one that lands during it interrupts it.
 
 use std::cell::Cell;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 thread_local! {
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
@@ -30,15 +30,20 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     });
 }
 
-/// Installs the kick handler once per process. Idempotent.
+/// Installs the kick handler once per process. Idempotent; a failure is reported to every
+/// caller, not only the first.
 pub fn install_kick_handler() -> crate::Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
-            .map_err(|e| crate::Error::Ioctl("sigaction(kick signal)", e.into()));
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let r = INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| e.errno())
     });
-    result
+    r.map_err(|errno| {
+        crate::Error::Ioctl(
+            "sigaction(kick signal)",
+            std::io::Error::from_raw_os_error(errno),
+        )
+    })
 }
 
 pub(crate) fn publish(ptr: *mut u8) {

@@ -29,6 +29,8 @@ use std::path::Path;
 /// An open `/dev/kvm`.
 pub struct Hypervisor {
     kvm: Kvm,
+    /// Probed once at open: sysfs and /proc/cpuinfo reads plus capability ioctls.
+    host: HostInfo,
 }
 
 impl Hypervisor {
@@ -51,17 +53,18 @@ impl Hypervisor {
         if version != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(Error::ApiVersion(version));
         }
-        Ok(Self { kvm })
+        let host = HostInfo::probe(&kvm);
+        Ok(Self { kvm, host })
     }
 
     /// What this host offers: the kind of KVM and the capabilities Keel uses.
-    pub fn host_info(&self) -> HostInfo {
-        HostInfo::probe(&self.kvm)
+    pub fn host_info(&self) -> &HostInfo {
+        &self.host
     }
 
     /// The largest number of vCPUs one VM may have on this host.
     pub fn max_vcpus(&self) -> usize {
-        self.kvm.get_max_vcpus()
+        self.host.max_vcpus
     }
 
     /// The CPUID entries KVM can present to a guest on this host.
@@ -77,6 +80,6 @@ impl Hypervisor {
             .kvm
             .create_vm()
             .map_err(|e| Error::Ioctl("KVM_CREATE_VM", e.into()))?;
-        Ok(Vm::new(fd, self.host_info()))
+        Ok(Vm::new(fd, self.host.clone()))
     }
 }

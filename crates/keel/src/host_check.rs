@@ -69,7 +69,7 @@ struct Report {
 
 pub fn run(json: bool) -> ExitCode {
     let (kvm, kvm_error) = match Hypervisor::open() {
-        Ok(hv) => (Some(hv.host_info()), None),
+        Ok(hv) => (Some(hv.host_info().clone()), None),
         Err(e) => (None, Some(e.to_string())),
     };
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();

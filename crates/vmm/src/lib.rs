@@ -5,7 +5,7 @@
 //! ```
 //! `Vmm::run` starts one thread per vCPU. Each loops on `KVM_RUN` and dispatches port I/O and
 //! MMIO exits to the device buses; the calling thread feeds console input and waits for a stop
-//! (guest power-off/reset, a vCPU failure, a signal, or [`Vmm::request_stop`]).
+//! (guest power-off/reset, a vCPU failure, a signal, or a [`StopHandle`]).
 
 pub mod config;
 mod error;

@@ -106,7 +106,7 @@ impl Vmm {
 
         let hv = Hypervisor::open()?;
         validate_vcpus(config.vcpus, hv.max_vcpus())?;
-        let host = hv.host_info();
+        let host = hv.host_info().clone();
         if let Some(cap) = host.missing_required() {
             return Err(keel_hypervisor::Error::MissingCapability(cap).into());
         }
@@ -196,11 +196,6 @@ impl Vmm {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
-    }
-
-    /// Asks the VM to stop as soon as possible (safe from any thread).
-    pub fn request_stop(&self, reason: ExitReason) {
-        self.shared.stop.request(reason);
     }
 
     /// A handle that can stop the VM from another thread while [`Vmm::run`] is running.
