@@ -5,7 +5,10 @@
 //! reset register, both served by Keel's ACPI PM device on [`PM_PORT_BASE`]. The MADT lists
 //! one local APIC per vCPU and the IOAPIC, which is how the guest finds every vCPU.
 
-use crate::layout::{IOAPIC_ADDR, LAPIC_ADDR, ROM_SIZE, ROM_START};
+use crate::layout::{
+    IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+    ROM_SIZE, ROM_START,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::sdt::Sdt;
@@ -34,7 +37,12 @@ pub struct AcpiConfig {
     /// IRQ of the system control interrupt (unused by a hardware-reduced guest, but must be
     /// a valid ISA IRQ).
     pub sci_irq: u16,
+    /// GSI of the Generic Event Device that signals the power button.
+    pub power_button_gsi: u32,
 }
+
+/// Notify code for "power button pressed" (ACPI 6.5 §4.8.3.1.1).
+const NOTIFY_POWER_BUTTON: u8 = 0x80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -66,12 +74,93 @@ fn com1() -> Vec<u8> {
     out
 }
 
-fn dsdt() -> Sdt {
+/// The PCI host bridge: bus 0, configuration space through ECAM (MCFG) or 0xCF8, and the
+/// window its BARs are assigned from.
+fn pci_host_bridge() -> Vec<u8> {
+    let mut out = Vec::new();
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cf8 = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let mmio = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cf8, &mmio]);
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    // The ECAM window is a motherboard resource: Linux checks this before trusting MCFG.
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    aml::Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam])),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// A control-method power button, and the Generic Event Device (hardware-reduced ACPI's
+/// replacement for GPEs) whose interrupt on `gsi` makes the guest's ACPI code notify it.
+fn power_button(gsi: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &NOTIFY_POWER_BUTTON);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
+    let body = aml::If::new(&is_ours, vec![&notify]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq])),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&body]),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+fn mcfg() -> Vec<u8> {
+    let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    let mut out = Vec::new();
+    m.to_aml_bytes(&mut out);
+    out
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
     body.extend_from_slice(&com1());
+    body.extend_from_slice(&pci_host_bridge());
+    body.extend_from_slice(&power_button(cfg.power_button_gsi));
     dsdt.append_slice(&body);
     dsdt
 }
@@ -134,15 +223,18 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     let align = |x: u64| (x + 15) & !15;
     let rsdp_addr = ROM_START;
     let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(cfg);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr, cfg.sci_irq);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(cfg.vcpus)?;
-    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let xsdt_addr = align(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let end = xsdt_addr + xsdt_bytes.len() as u64;
@@ -155,6 +247,7 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     mem.write_slice(dsdt.as_slice(), GuestAddress(dsdt_addr))?;
     mem.write_slice(&fadt, GuestAddress(fadt_addr))?;
     mem.write_slice(madt.as_slice(), GuestAddress(madt_addr))?;
+    mem.write_slice(&mcfg, GuestAddress(mcfg_addr))?;
     mem.write_slice(&xsdt_bytes, GuestAddress(xsdt_addr))?;
     Ok(rsdp_addr)
 }
@@ -184,6 +277,7 @@ mod tests {
             &AcpiConfig {
                 vcpus: 3,
                 sci_irq: 9,
+                power_button_gsi: 5,
             },
         )
         .unwrap();
@@ -215,10 +309,24 @@ mod tests {
                 let dsdt = table_at(&mem, dsdt_addr);
                 assert!(checksum_ok(&dsdt));
                 assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
-                assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+                for name in [b"COM1", b"PCI0", b"MBRD", b"PWRB", b"GED_", b"_EVT"] {
+                    assert!(dsdt.windows(4).any(|w| w == name), "{name:?} in DSDT");
+                }
+            }
+            if &t[..4] == b"MCFG" {
+                // One allocation: base, segment 0, buses 0..=0.
+                assert_eq!(t.len(), 44 + 16);
+                assert_eq!(
+                    u64::from_le_bytes(t[44..52].try_into().unwrap()),
+                    PCI_ECAM_START
+                );
+                assert_eq!((t[54], t[55]), (0, 0));
             }
         }
-        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            sigs,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
     }
 
     #[test]
@@ -230,7 +338,8 @@ mod tests {
                 &mem,
                 &AcpiConfig {
                     vcpus: 300,
-                    sci_irq: 9
+                    sci_irq: 9,
+                    power_button_gsi: 5,
                 }
             ),
             Err(AcpiError::TooManyCpus(300))

@@ -378,7 +378,7 @@ mod tests {
                     assert_eq!(entry, 0x100200);
                     let bp: boot_params = mem.read_obj(GuestAddress(boot_params)).unwrap();
                     assert_eq!({ bp.hdr.ramdisk_size }, 5000);
-                    assert_eq!(bp.e820_entries, 3);
+                    assert_eq!(bp.e820_entries, 4);
                     assert_eq!({ bp.acpi_rsdp_addr }, 0xe0000);
                 }
                 (e, _) => panic!("{img:?}: unexpected entry {e:?}"),

@@ -34,6 +34,12 @@ pub const ROM_SIZE: u64 = 0x20000;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The window the PCI host bridge decodes for 32-bit BARs: the bottom of the MMIO gap.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// PCI Express ECAM (memory-mapped configuration space) for bus 0, right after it.
+pub const PCI_ECAM_START: u64 = PCI_MMIO_START + PCI_MMIO_SIZE;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// The smallest VM Keel builds: room for the boot structures, a kernel and an initrd.
@@ -42,6 +48,7 @@ pub const MIN_MEMORY: u64 = 32 << 20;
 // The boot structures must not overlap each other or the EBDA.
 const _: () = assert!(PDE_START + PDE_PAGES * 0x1000 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR as u64);
 const _: () = assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
 
 /// e820 memory types.
@@ -128,6 +135,12 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             kind: E820_RAM,
         },
     ];
+    // Linux uses ECAM only if firmware reserved it (or ACPI says so).
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
     if mem_size > MMIO_GAP_START {
         map.push(E820Entry {
             addr: MMIO_GAP_END,
@@ -173,8 +186,11 @@ mod tests {
             assert!(w[0].end() <= w[1].start, "ranges overlap: {w:?}");
         }
         let e = e820_map(mem);
+        assert!(e.iter().all(|e| e.kind != E820_RAM
+            || e.addr + e.size <= MMIO_GAP_START
+            || e.addr >= MMIO_GAP_END));
         assert!(e
             .iter()
-            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+            .any(|e| e.kind == E820_RESERVED && e.addr == PCI_ECAM_START));
     }
 }

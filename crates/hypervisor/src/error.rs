@@ -11,6 +11,8 @@ pub enum Error {
     Ioctl(&'static str, #[source] std::io::Error),
     #[error("the host's KVM lacks {0}, which Keel needs")]
     MissingCapability(&'static str),
+    #[error("no free interrupt routes (GSIs) left in this VM")]
+    OutOfGsis,
     #[error("guest memory slot at {guest_addr:#x} ({size:#x} bytes) rejected: {source}")]
     MemorySlot {
         guest_addr: u64,

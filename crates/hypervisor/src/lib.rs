@@ -10,12 +10,14 @@
 
 mod error;
 mod host;
+mod irq;
 mod kick;
 mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
 pub use host::{Capability, HostInfo, KvmKind};
+pub use irq::{IrqRouter, MsiMessage, IOAPIC_PINS};
 pub use kick::{install_kick_handler, kick_signal};
 pub use vcpu::{InternalErrorInfo, Vcpu, VcpuExit};
 pub use vm::{MemorySlot, Vm};

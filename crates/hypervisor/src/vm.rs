@@ -1,10 +1,12 @@
 //! A KVM virtual machine: memory slots, in-kernel interrupt controllers, irqfds, vCPUs.
 
+use crate::irq::IrqRouter;
 use crate::{Error, HostInfo, Result, Vcpu};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
+use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 /// One region of host memory mapped into the guest's physical address space.
@@ -19,7 +21,8 @@ pub struct MemorySlot {
 
 /// An open KVM VM.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    router: IrqRouter,
     host: HostInfo,
     next_slot: u32,
 }
@@ -30,7 +33,9 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 
 impl Vm {
     pub(crate) fn new(fd: VmFd, host: HostInfo) -> Self {
+        let fd = Arc::new(fd);
         Vm {
+            router: IrqRouter::new(fd.clone()),
             fd,
             host,
             next_slot: 0,
@@ -40,6 +45,11 @@ impl Vm {
     /// The host facts this VM was created under.
     pub fn host(&self) -> &HostInfo {
         &self.host
+    }
+
+    /// The VM's interrupt routing, irqfds and ioeventfds, for devices to keep while it runs.
+    pub fn irq_router(&self) -> IrqRouter {
+        self.router.clone()
     }
 
     /// Maps `slot` into the guest.

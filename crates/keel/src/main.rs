@@ -4,6 +4,7 @@ mod host_check;
 mod terminal;
 
 use clap::{Parser, Subcommand};
+use keel_vmm::device_config::{DiskConfig, NetConfig, VsockConfig};
 use keel_vmm::{parse_size, VmConfig, VmIo, Vmm};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -59,6 +60,30 @@ struct RunArgs {
     /// Do not append the guest-side parameters this host's KVM needs (e.g. on PVM).
     #[arg(long)]
     no_host_quirks: bool,
+    /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
+    /// is /dev/vda.
+    #[arg(long = "disk", value_name = "path=IMG,...", value_parser = DiskConfig::parse)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-net NIC on a tap device: [tap=NAME][,mac=MAC]. Repeatable; without tap=,
+    /// Keel creates one.
+    #[arg(long = "net", value_name = "tap=NAME,...", value_parser = NetConfig::parse)]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=N[,socket=PATH] (host connections through the Unix
+    /// socket PATH).
+    #[arg(long, value_name = "cid=N,...", value_parser = VsockConfig::parse)]
+    vsock: Option<VsockConfig>,
+    /// A virtio-rng entropy device fed from the host's getrandom(2).
+    #[arg(long)]
+    rng: bool,
+    /// A virtio memory balloon, sized through the API socket.
+    #[arg(long)]
+    balloon: bool,
+    /// Listen for control requests (e.g. the balloon target) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Seconds the guest gets to power off after SIGTERM presses its power button.
+    #[arg(long, value_name = "SECS", default_value_t = keel_vmm::config::DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
+    shutdown_timeout: u32,
 }
 
 fn memory_size(s: &str) -> Result<u64, String> {
@@ -114,6 +139,13 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus: args.cpus,
         memory: args.memory,
         host_quirks: !args.no_host_quirks,
+        disks: args.disks,
+        nets: args.nets,
+        vsock: args.vsock,
+        rng: args.rng,
+        balloon: args.balloon,
+        api_socket: args.api_socket,
+        shutdown_timeout_secs: args.shutdown_timeout,
     };
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
     let io = VmIo {

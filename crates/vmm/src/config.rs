@@ -1,6 +1,7 @@
 //! What a VM is made of, as the user asked for it, and the checks that turn bad requests into
 //! clear errors before anything is built.
 
+use crate::device_config::{DiskConfig, NetConfig, VsockConfig};
 use std::path::PathBuf;
 
 /// The VM to build.
@@ -14,7 +15,23 @@ pub struct VmConfig {
     pub memory: u64,
     /// Append the guest-side parameters this host's KVM needs (PVM) to the command line.
     pub host_quirks: bool,
+    /// Virtio block devices, in order (the first is /dev/vda).
+    pub disks: Vec<DiskConfig>,
+    /// Virtio network devices.
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+    /// A virtio entropy source.
+    pub rng: bool,
+    /// A virtio memory balloon (driven through the API socket).
+    pub balloon: bool,
+    /// Where the VMM listens for control requests.
+    pub api_socket: Option<PathBuf>,
+    /// After SIGTERM presses the power button, how long the guest gets to power off before
+    /// it is stopped.
+    pub shutdown_timeout_secs: u32,
 }
+
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 30;
 
 /// The command line used when the user gives none: serial console, and a panic reboots at
 /// once (which ends `keel run`) instead of hanging.
@@ -31,6 +48,13 @@ impl VmConfig {
             vcpus: DEFAULT_VCPUS,
             memory: DEFAULT_MEMORY,
             host_quirks: true,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: false,
+            balloon: false,
+            api_socket: None,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
     }
 }

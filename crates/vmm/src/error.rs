@@ -45,6 +45,10 @@ pub enum VmmError {
     Msrs(#[from] keel_arch::cpu::MsrListError),
     #[error("device set-up: {0}")]
     Bus(#[from] keel_devices::BusError),
+    #[error("PCI: {0}")]
+    Pci(#[from] keel_pci::PciError),
+    #[error("{name}: {reason}")]
+    Device { name: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

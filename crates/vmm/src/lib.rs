@@ -8,6 +8,8 @@
 //! (guest power-off/reset, a vCPU failure, a signal, or a [`StopHandle`]).
 
 pub mod config;
+pub mod device_config;
+mod devices;
 mod error;
 pub mod exit;
 pub mod quirks;

@@ -244,10 +244,19 @@ impl Vmm {
             shared,
             serial,
             debug_port,
+            power_button,
+            pci,
             console_in,
             console_escape,
+            config,
             ..
         } = self;
+        tracing::debug!("PCI devices: {:?}", pci.names);
+        let power = PowerButton {
+            evt: power_button,
+            timeout: Duration::from_secs(config.shutdown_timeout_secs.into()),
+            deadline: None,
+        };
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let sh = shared.clone();
@@ -268,7 +277,7 @@ impl Vmm {
             }
         }
         let console = Console::new(console_in, console_escape);
-        event_loop(&shared, &serial, console);
+        event_loop(&shared, &serial, console, power);
         stop_threads(threads);
         drop(vm);
         serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
@@ -416,12 +425,67 @@ pub fn install_stop_signal_handlers() -> Result<(), VmmError> {
     Ok(())
 }
 
-fn event_loop(sh: &Shared, serial: &Mutex<keel_devices::serial::Serial>, mut console: Console) {
+/// SIGTERM asks the guest to shut down through its ACPI power button; a guest that has not
+/// powered off when the timeout runs out (or a second SIGTERM) is stopped.
+struct PowerButton {
+    evt: EventFd,
+    timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+impl PowerButton {
+    /// Handles SIGTERM; returns true when the VM must stop now.
+    fn on_sigterm(&mut self) -> bool {
+        if self.deadline.is_some() || self.timeout.is_zero() {
+            return true;
+        }
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("cannot press the guest's power button: {e}");
+            return true;
+        }
+        tracing::info!(
+            "SIGTERM: pressed the guest's power button; it is stopped if it has not powered off in {} s",
+            self.timeout.as_secs()
+        );
+        self.deadline = Some(Instant::now() + self.timeout);
+        false
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Milliseconds until the deadline, for poll(2).
+    fn poll_timeout(&self) -> Option<i32> {
+        self.deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+        })
+    }
+}
+
+fn event_loop(
+    sh: &Shared,
+    serial: &Mutex<keel_devices::serial::Serial>,
+    mut console: Console,
+    mut power: PowerButton,
+) {
     SIGNAL_STOP_FD.store(sh.stop.evt.as_raw_fd(), Ordering::SeqCst);
     loop {
         let sig = LAST_SIGNAL.swap(0, Ordering::SeqCst);
-        if sig != 0 {
+        if sig == libc::SIGTERM {
+            if power.on_sigterm() {
+                sh.stop.request(ExitReason::Signal(sig));
+            }
+        } else if sig != 0 {
             sh.stop.request(ExitReason::Signal(sig));
+        }
+        if power.expired() {
+            tracing::warn!(
+                "the guest did not power off within {} s of its power button; stopping it",
+                power.timeout.as_secs()
+            );
+            sh.stop.request(ExitReason::Signal(libc::SIGTERM));
         }
         if sh.stop.is_stopping() {
             break;
@@ -446,7 +510,10 @@ fn event_loop(sh: &Shared, serial: &Mutex<keel_devices::serial::Serial>, mut con
                 revents: 0,
             });
         }
-        let timeout = if console.pending.is_empty() { -1 } else { 10 };
+        let mut timeout = if console.pending.is_empty() { -1 } else { 10 };
+        if let Some(t) = power.poll_timeout() {
+            timeout = if timeout < 0 { t } else { timeout.min(t) };
+        }
         // SAFETY: `fds` is a valid array of pollfd of the given length for the call's duration.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {

@@ -24,6 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// COM1.
 const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
+/// The Generic Event Device's interrupt: the ACPI power button.
+const POWER_BUTTON_GSI: u32 = 5;
 /// SCI: unused by a hardware-reduced guest, but the FADT must name a valid ISA IRQ.
 const SCI_IRQ: u16 = 9;
 
@@ -80,6 +82,9 @@ pub struct Vmm {
     pub(crate) shared: Arc<Shared>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) debug_port: Arc<Mutex<DebugPort>>,
+    /// Raises the guest's ACPI power-button event.
+    pub(crate) power_button: EventFd,
+    pub(crate) pci: crate::devices::DeviceHandles,
     pub(crate) console_in: Option<OwnedFd>,
     pub(crate) console_escape: bool,
 }
@@ -119,6 +124,7 @@ impl Vmm {
             &AcpiConfig {
                 vcpus: config.vcpus,
                 sci_irq: SCI_IRQ,
+                power_button_gsi: POWER_BUTTON_GSI,
             },
         )?;
         mptable::write_mptable(&mem, config.vcpus)?;
@@ -150,7 +156,9 @@ impl Vmm {
             console_in,
             console_escape,
         } = io;
-        let devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
+        let mut devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
+        let mut mmio = Bus::new();
+        let pci = crate::devices::build_pci(&vm, &mem, &config, &mut devices.pio, &mut mmio)?;
 
         let mut cpuid = hv.supported_cpuid()?;
         if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
@@ -164,13 +172,7 @@ impl Vmm {
         if let Some(q) = quirks {
             tracing::info!("PVM host: appending the guest kernel parameters PVM needs: {q}");
         }
-        let shared = Arc::new(Shared::new(
-            devices.pio,
-            Bus::new(),
-            mem,
-            stop,
-            config.vcpus,
-        ));
+        let shared = Arc::new(Shared::new(devices.pio, mmio, mem, stop, config.vcpus));
         Ok(Vmm {
             boot: BootInfo {
                 host,
@@ -183,6 +185,8 @@ impl Vmm {
             shared,
             serial: devices.serial,
             debug_port: devices.debug_port,
+            power_button: devices.power_button,
+            pci,
             console_in,
             console_escape,
             vm,
@@ -209,6 +213,7 @@ struct PlatformDevices {
     pio: Bus,
     serial: Arc<Mutex<Serial>>,
     debug_port: Arc<Mutex<DebugPort>>,
+    power_button: EventFd,
 }
 
 impl PlatformDevices {
@@ -246,10 +251,16 @@ impl PlatformDevices {
             acpi::PM_PORT_COUNT.into(),
         )?;
         pio.insert(debug_port.clone(), DebugPort::PORT.into(), 1)?;
+        let power_button = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
+            what: "power button eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&power_button, POWER_BUTTON_GSI)?;
         Ok(PlatformDevices {
             pio,
             serial,
             debug_port,
+            power_button,
         })
     }
 }

@@ -36,12 +36,11 @@ struct Run {
 
 fn config(img: KitImage, cmdline: &str, vcpus: u32, memory: u64) -> VmConfig {
     VmConfig {
-        kernel: img.path(),
-        initrd: None,
         cmdline: cmdline.into(),
         vcpus,
         memory,
         host_quirks: false,
+        ..VmConfig::new(img.path())
     }
 }
 

@@ -1,0 +1,48 @@
+//! Virtio devices and their PCI transport.
+//!
+//! A device ([`VirtioDevice`]) knows its queues, features and configuration space, and does
+//! its work on a thread of its own once the driver activates it. The transport
+//! ([`VirtioPciDevice`]) is what the guest sees: a PCI function with the virtio 1.x
+//! capabilities, MSI-X, and one ioeventfd per queue so notifications never wait on a vCPU
+//! thread. Everything the guest puts in its rings is hostile input: a malformed request
+//! fails, a malformed ring marks the device broken (`DEVICE_NEEDS_RESET`), nothing panics.
+
+mod device;
+pub mod pci;
+pub mod rng;
+mod worker;
+
+pub use device::{
+    ActivateContext, ActivateError, DeviceError, VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
+};
+pub use pci::{IoEvents, VirtioPciDevice};
+pub use worker::{EventHandler, Worker};
+
+/// Guest memory as every device sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// Virtio device types (virtio 1.2 §5).
+pub mod types {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
+}
+
+/// Feature bits every Keel device offers through the transport.
+pub mod features {
+    pub const VERSION_1: u64 = 1 << 32;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+}
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
