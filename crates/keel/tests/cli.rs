@@ -199,12 +199,20 @@ fn kvm_trials() -> Vec<Trial> {
             }
             Ok(())
         }),
-        Trial::test("sigterm_stops_the_vm_cleanly", sigterm_test),
+        Trial::test("sigterm_presses_the_power_button_then_stops_the_vm", || {
+            sigterm_test(1)
+        }),
+        Trial::test("sigterm_with_no_grace_period_stops_at_once", || {
+            sigterm_test(0)
+        }),
     ]
 }
 
-fn sigterm_test() -> Result<(), Failed> {
+/// SIGTERM presses the power button; the kit guest ignores it, so after `timeout` seconds
+/// Keel stops it (at once with 0).
+fn sigterm_test(timeout: u32) -> Result<(), Failed> {
     // The console kit test waits for input; stdin is a pipe we never write to.
+    let timeout_arg = timeout.to_string();
     let mut child = keel()
         .args([
             "run",
@@ -216,6 +224,8 @@ fn sigterm_test() -> Result<(), Failed> {
             "64M",
             "--cpus",
             "2",
+            "--shutdown-timeout",
+            &timeout_arg,
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -232,6 +242,14 @@ fn sigterm_test() -> Result<(), Failed> {
             let err = stderr(&o);
             if status.code() != Some(143) || !err.contains("stopped by SIGTERM") {
                 return Err(format!("status {status:?} stderr: {err}").into());
+            }
+            let pressed = err.contains("pressed the guest's power button")
+                && err.contains("did not power off within");
+            if timeout > 0 && (!pressed || start.elapsed() < Duration::from_secs(timeout.into())) {
+                return Err(format!("no power-button grace period: {err}").into());
+            }
+            if timeout == 0 && pressed {
+                return Err(format!("--shutdown-timeout 0 still pressed the button: {err}").into());
             }
             return Ok(());
         }

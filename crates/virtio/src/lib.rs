@@ -7,13 +7,20 @@
 //! thread. Everything the guest puts in its rings is hostile input: a malformed request
 //! fails, a malformed ring marks the device broken (`DEVICE_NEEDS_RESET`), nothing panics.
 
+pub mod balloon;
+pub mod block;
 mod device;
+pub mod net;
 pub mod pci;
 pub mod rng;
+#[cfg(test)]
+pub mod test_util;
+pub mod vsock;
 mod worker;
 
 pub use device::{
-    ActivateContext, ActivateError, DeviceError, VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
+    process_queue, read_config_bytes, ActivateContext, ActivateError, Chain, DeviceError,
+    VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
 };
 pub use pci::{IoEvents, VirtioPciDevice};
 pub use worker::{EventHandler, Worker};

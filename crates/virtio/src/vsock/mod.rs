@@ -1,0 +1,1 @@
+//! virtio-vsock: under construction.
