@@ -1,1 +1,970 @@
-//! virtio-balloon: under construction.
+//! virtio-balloon (virtio 1.2 §5.5, the traditional memory balloon).
+//!
+//! The host asks the guest to give up memory by raising `num_pages` in the configuration
+//! space; the driver allocates that many 4 KiB frames and posts their PFNs on the inflate
+//! queue, and the device releases the host memory behind them (`madvise`). Frames posted on
+//! the deflate queue go back to the guest: anonymous memory faults back in as zeroes, so
+//! deflating is only accounting. The driver reports how much it holds in `actual`.
+//!
+//! Statistics: the driver posts one buffer on the stats queue; the device records it and
+//! holds it. Returning it (used ring + interrupt) asks the driver for fresh numbers, which
+//! it sends by posting the buffer again. Refreshes happen on [`BalloonHandle::request_stats`]
+//! and periodically from a timerfd in the device thread ([`BalloonHandle::set_stats_interval`],
+//! off by default).
+//!
+//! Target limit: the balloon may take at most guest RAM minus a floor of
+//! [`floor_bytes`] (half the RAM, at most 256 MiB), so a host mistake cannot starve the guest.
+//!
+//! Everything the guest posts is hostile: PFNs outside RAM (or in read-only or unaligned
+//! regions) and duplicates are ignored and counted, partial PFNs are dropped, unreadable
+//! chains are returned unused, and `madvise` only ever sees whole pages of writable RAM.
+
+use crate::device::{process_queue, read_config_bytes, Chain};
+use crate::{
+    features, types, ActivateContext, ActivateError, DeviceError, EventHandler, GuestMemory,
+    VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// The stats queue is present.
+pub const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
+/// The guest may deflate the balloon when it runs out of memory.
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
+
+const PAGE_SHIFT: u32 = 12;
+const PAGE_MASK: usize = (1 << PAGE_SHIFT) - 1;
+// Queue indices, also the device thread's tokens for their notifications.
+const INFLATE: u64 = 0;
+const DEFLATE: u64 = 1;
+const STATS: u64 = 2;
+const TOKEN_KICK: u64 = 3;
+const TOKEN_TIMER: u64 = 4;
+/// Most PFN bytes read from one chain (256 Ki frames, 1 GiB); Linux sends 1 KiB.
+const MAX_PFN_BYTES: usize = 1 << 20;
+/// Most stats bytes read from one buffer: 64 entries of (le16 tag, le64 value).
+const MAX_STATS_BYTES: usize = 64 * STAT_LEN;
+const STAT_LEN: usize = 10;
+const FLOOR_MAX: u64 = 256 << 20;
+
+/// Memory the guest always keeps whatever the target: half its RAM, at most 256 MiB.
+pub fn floor_bytes(ram: u64) -> u64 {
+    (ram / 2).min(FLOOR_MAX)
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BalloonError {
+    #[error("balloon target of {target} bytes is above the limit of {max} bytes")]
+    TargetTooLarge { target: u64, max: u64 },
+    #[error("the guest's balloon driver is not running")]
+    NotActive,
+    #[error("the guest's balloon driver did not negotiate the statistics queue")]
+    StatsUnavailable,
+}
+
+macro_rules! balloon_stats {
+    ($($tag:literal => $field:ident,)*) => {
+        /// The guest's memory statistics (virtio 1.2 §5.5.6.3; the byte counts are bytes, the
+        /// others events), `None` for tags it did not send.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct BalloonStats {
+            $(pub $field: Option<u64>,)*
+            /// Entries with a tag this device does not know (ignored).
+            pub unknown_tags: u32,
+            /// When the guest sent these numbers (milliseconds since the Unix epoch).
+            pub updated_unix_ms: u64,
+        }
+
+        /// Where the value of stats entry `tag` goes.
+        fn stat_slot(s: &mut BalloonStats, tag: u16) -> Option<&mut Option<u64>> {
+            match tag {
+                $($tag => Some(&mut s.$field),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+balloon_stats! {
+    0 => swap_in_bytes, 1 => swap_out_bytes, 2 => major_faults, 3 => minor_faults,
+    4 => free_bytes, 5 => total_bytes, 6 => available_bytes, 7 => disk_caches_bytes,
+    8 => hugetlb_allocations, 9 => hugetlb_failures, 10 => oom_kills, 11 => alloc_stalls,
+    12 => async_scans, 13 => direct_scans, 14 => async_reclaims, 15 => direct_reclaims,
+}
+
+/// What the device thread and the handle share.
+#[derive(Default)]
+struct Shared {
+    num_pages: AtomicU32,
+    actual: AtomicU32,
+    /// Bytes of RAM the balloon can take from (0: unknown until activation).
+    ram_bytes: AtomicU64,
+    inflated_pages: AtomicU64,
+    ignored_pfns: AtomicU64,
+    madvise_calls: AtomicU64,
+    stats_interval_ms: AtomicU64,
+    stats_requested: AtomicBool,
+    stats: Mutex<Option<BalloonStats>>,
+    active: Mutex<Option<Active>>,
+}
+
+struct Active {
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Wakes the device thread: stats requested or interval changed.
+    kick: EventFd,
+    stats_vq: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Control of a balloon from any thread (the VMM's control socket), while the VM runs.
+#[derive(Clone)]
+pub struct BalloonHandle(Arc<Shared>);
+
+impl BalloonHandle {
+    /// Asks the guest to give up `bytes` (rounded down to 4 KiB pages). Rejects more than
+    /// guest RAM minus [`floor_bytes`]; before activation, when the RAM size is not known
+    /// yet (see [`Balloon::set_guest_ram`]), the target is recorded and clamped at activation.
+    pub fn set_target(&self, bytes: u64) -> Result<(), BalloonError> {
+        let active = lock(&self.0.active);
+        let max = max_target_pages(self.0.ram_bytes.load(SeqCst));
+        let pages = bytes >> PAGE_SHIFT;
+        if pages > u64::from(max) {
+            return Err(BalloonError::TargetTooLarge {
+                target: bytes,
+                max: u64::from(max) << PAGE_SHIFT,
+            });
+        }
+        self.0.num_pages.store(pages as u32, SeqCst);
+        // Interrupt outside the lock: the transport takes its own locks to raise it.
+        let interrupt = active.as_ref().map(|a| a.interrupt.clone());
+        drop(active);
+        if let Some(i) = interrupt {
+            i.signal_config();
+        }
+        Ok(())
+    }
+
+    /// The current target in bytes.
+    pub fn target(&self) -> u64 {
+        u64::from(self.0.num_pages.load(SeqCst)) << PAGE_SHIFT
+    }
+
+    /// What the driver says the balloon holds (`actual`), in bytes.
+    pub fn actual(&self) -> u64 {
+        u64::from(self.0.actual.load(SeqCst)) << PAGE_SHIFT
+    }
+
+    /// Bytes of guest RAM currently in the balloon, as counted by the device.
+    pub fn inflated_bytes(&self) -> u64 {
+        self.0.inflated_pages.load(SeqCst) << PAGE_SHIFT
+    }
+
+    /// PFNs the guest posted that were ignored: outside RAM, duplicates, not inflated.
+    pub fn ignored_pfns(&self) -> u64 {
+        self.0.ignored_pfns.load(SeqCst)
+    }
+
+    /// The last statistics the guest sent, if any.
+    pub fn stats(&self) -> Option<BalloonStats> {
+        lock(&self.0.stats).clone()
+    }
+
+    /// Asks the guest for fresh statistics; they show up in [`Self::stats`] once it answers.
+    pub fn request_stats(&self) -> Result<(), BalloonError> {
+        let active = lock(&self.0.active);
+        let a = active.as_ref().ok_or(BalloonError::NotActive)?;
+        if !a.stats_vq {
+            return Err(BalloonError::StatsUnavailable);
+        }
+        self.0.stats_requested.store(true, SeqCst);
+        let _ = a.kick.write(1);
+        Ok(())
+    }
+
+    /// Refreshes the statistics every `every` (zero: never). Takes effect immediately.
+    pub fn set_stats_interval(&self, every: Duration) {
+        let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        let active = lock(&self.0.active);
+        self.0.stats_interval_ms.store(ms, SeqCst);
+        if let Some(a) = active.as_ref() {
+            let _ = a.kick.write(1);
+        }
+    }
+
+    pub fn stats_interval(&self) -> Duration {
+        Duration::from_millis(self.0.stats_interval_ms.load(SeqCst))
+    }
+}
+
+/// Largest target in pages for `ram` bytes of RAM (0: unknown, only the config field limits).
+fn max_target_pages(ram: u64) -> u32 {
+    if ram == 0 {
+        return u32::MAX;
+    }
+    let pages = (ram - floor_bytes(ram)) >> PAGE_SHIFT;
+    u32::try_from(pages).unwrap_or(u32::MAX)
+}
+
+/// The virtio-balloon device model.
+pub struct Balloon {
+    shared: Arc<Shared>,
+    deflate_on_oom: bool,
+    worker: Option<Worker>,
+}
+
+impl Balloon {
+    pub fn new(deflate_on_oom: bool) -> (Balloon, BalloonHandle) {
+        let shared = Arc::new(Shared::default());
+        let dev = Balloon {
+            shared: shared.clone(),
+            deflate_on_oom,
+            worker: None,
+        };
+        (dev, BalloonHandle(shared))
+    }
+
+    /// Tells the device how much RAM the guest has, so targets can be checked before the
+    /// driver starts. Activation recounts it from the guest memory it is given.
+    pub fn set_guest_ram(&mut self, bytes: u64) {
+        self.shared.ram_bytes.store(bytes, SeqCst);
+    }
+
+    fn config(&self) -> [u8; 8] {
+        let mut c = [0u8; 8];
+        c[..4].copy_from_slice(&self.shared.num_pages.load(SeqCst).to_le_bytes());
+        c[4..].copy_from_slice(&self.shared.actual.load(SeqCst).to_le_bytes());
+        c
+    }
+}
+
+fn take_queue(
+    queues: &mut impl Iterator<Item = Queue>,
+    events: &mut impl Iterator<Item = EventFd>,
+    index: usize,
+) -> Result<(Queue, EventFd), ActivateError> {
+    match (queues.next(), events.next()) {
+        (Some(q), Some(e)) if q.ready() => Ok((q, e)),
+        _ => Err(ActivateError::QueueNotReady(index)),
+    }
+}
+
+/// A timerfd whose reads never block (the device thread re-arms it between wake-ups).
+fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    let fd = t.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with no pointers passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(t)
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        types::BALLOON
+    }
+    fn name(&self) -> String {
+        "balloon".into()
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_MAX_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        let oom = VIRTIO_BALLOON_F_DEFLATE_ON_OOM * u64::from(self.deflate_on_oom);
+        VIRTIO_BALLOON_F_STATS_VQ | oom | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        let mut c = self.config();
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(o @ 4..=7) = offset.checked_add(i as u64) {
+                c[o as usize] = b;
+            }
+        }
+        let actual = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
+        self.shared.actual.store(actual, SeqCst);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let backend = |e: std::io::Error| ActivateError::Backend(format!("balloon: {e}"));
+        let mut queues = ctx.queues.into_iter();
+        let mut events = ctx.queue_events.into_iter();
+        let inflate = take_queue(&mut queues, &mut events, 0)?;
+        let deflate = take_queue(&mut queues, &mut events, 1)?;
+        let stats = if ctx.features & VIRTIO_BALLOON_F_STATS_VQ != 0 {
+            take_queue(&mut queues, &mut events, 2).ok()
+        } else {
+            None
+        };
+        let ram = ram_regions(&ctx.mem);
+        let ram_bytes: u64 = ram.iter().map(|r| r.pages << PAGE_SHIFT).sum();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(backend)?;
+        let timer = nonblocking_timer().map_err(backend)?;
+        let mut sources = vec![
+            (inflate.1.as_raw_fd(), INFLATE),
+            (deflate.1.as_raw_fd(), DEFLATE),
+            (kick.as_raw_fd(), TOKEN_KICK),
+            (timer.as_raw_fd(), TOKEN_TIMER),
+        ];
+        if let Some((_, e)) = &stats {
+            sources.push((e.as_raw_fd(), STATS));
+            // Linux posts its stats buffer and kicks before DRIVER_OK: look at it regardless.
+            let _ = e.write(1);
+        }
+        let mut active = lock(&self.shared.active);
+        self.shared.ram_bytes.store(ram_bytes, SeqCst);
+        let max = max_target_pages(ram_bytes);
+        if self.shared.num_pages.load(SeqCst) > max {
+            tracing::warn!("balloon: target clamped to {max} pages ({ram_bytes} bytes of RAM)");
+            self.shared.num_pages.store(max, SeqCst);
+        }
+        let mut handler = BalloonHandler {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt.clone(),
+            shared: self.shared.clone(),
+            pfn_queues: [inflate, deflate],
+            stats_vq: stats.is_some(),
+            stats,
+            held: None,
+            kick: kick.try_clone().map_err(backend)?,
+            timer,
+            armed_ms: 0,
+            ram,
+        };
+        handler.rearm();
+        *active = Some(Active {
+            interrupt: ctx.interrupt.clone(),
+            kick,
+            stats_vq: handler.stats_vq,
+        });
+        match Worker::spawn("virtio-balloon".into(), sources, handler, ctx.interrupt) {
+            Ok(w) => self.worker = Some(w),
+            Err(e) => {
+                *active = None;
+                return Err(ActivateError::Thread(e));
+            }
+        }
+        Ok(())
+    }
+    fn reset(&mut self) {
+        *lock(&self.shared.active) = None;
+        self.worker = None;
+        // The guest starts over with all its memory; the host's target stays.
+        self.shared.actual.store(0, SeqCst);
+        self.shared.inflated_pages.store(0, SeqCst);
+        self.shared.stats_requested.store(false, SeqCst);
+    }
+}
+
+/// A writable, page-aligned RAM region and which of its frames are in the balloon.
+struct RamRegion {
+    start_pfn: u64,
+    pages: u64,
+    /// How to release its pages: `None` where they cannot be (hugetlbfs).
+    advice: Option<libc::c_int>,
+    inflated: Vec<u64>,
+}
+
+impl RamRegion {
+    fn contains(&self, pfn: u64) -> bool {
+        pfn >= self.start_pfn && pfn - self.start_pfn < self.pages
+    }
+    /// Sets (inflate) or clears (deflate) the frame's bit; false if it already was so.
+    fn flip(&mut self, pfn: u64, inflate: bool) -> bool {
+        let i = pfn - self.start_pfn;
+        let (word, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+        let Some(w) = self.inflated.get_mut(word) else {
+            return false;
+        };
+        if (*w & bit != 0) == inflate {
+            return false;
+        }
+        *w ^= bit;
+        true
+    }
+}
+
+/// The regions of `mem` the balloon may take frames from: writable and 4 KiB aligned.
+fn ram_regions(mem: &GuestMemory) -> Vec<RamRegion> {
+    mem.iter()
+        .filter(|r| r.prot() & libc::PROT_WRITE != 0)
+        .filter(|r| r.start_addr().raw_value() & PAGE_MASK as u64 == 0)
+        .map(|r| {
+            let pages = r.len() >> PAGE_SHIFT;
+            let advice = if r.is_hugetlbfs() == Some(true) {
+                None
+            } else if r.flags() & libc::MAP_SHARED != 0 {
+                // Shared (memfd, file) memory: punch the backing out, not just our mapping.
+                Some(libc::MADV_REMOVE)
+            } else {
+                Some(libc::MADV_DONTNEED)
+            };
+            RamRegion {
+                start_pfn: r.start_addr().raw_value() >> PAGE_SHIFT,
+                pages,
+                advice,
+                inflated: vec![0; pages.div_ceil(64) as usize],
+            }
+        })
+        .collect()
+}
+
+/// Releases the host memory behind `pages` frames from `first_pfn`, all inside `region`.
+fn release(mem: &GuestMemory, region: &RamRegion, first_pfn: u64, pages: u64, shared: &Shared) {
+    let Some(advice) = region.advice else {
+        return;
+    };
+    let first = GuestAddress(first_pfn << PAGE_SHIFT);
+    let len = pages << PAGE_SHIFT;
+    let (Ok(host), Ok(last)) = (
+        mem.get_host_address(first),
+        mem.get_host_address(first.unchecked_add(len - 1)),
+    ) else {
+        return;
+    };
+    // The range must be one contiguous, page-aligned host mapping.
+    if host as usize & PAGE_MASK != 0 || last as usize != host as usize + (len as usize - 1) {
+        return;
+    }
+    shared.madvise_calls.fetch_add(1, SeqCst);
+    // SAFETY: [host, host + len) is whole pages of one writable guest RAM mapping (checked
+    // above: both ends translate within it) that `mem` keeps mapped. The guest gave these
+    // frames up, so discarding their contents is what it asked for; Rust code only reaches
+    // guest memory through volatile accesses, so no reference relies on the old contents.
+    if unsafe { libc::madvise(host.cast(), len as usize, advice) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::debug!("balloon: madvise of {len} bytes at {first:#x?} failed: {e}");
+    }
+}
+
+/// Inflates or deflates the frames listed in `chain` (le32 PFNs).
+fn balloon_chain(
+    chain: Chain<'_>,
+    mem: &GuestMemory,
+    ram: &mut [RamRegion],
+    shared: &Shared,
+    inflate: bool,
+) {
+    let Ok(mut reader) = chain.reader(mem) else {
+        return; // descriptors outside guest memory: drop the request
+    };
+    let mut left = reader.available_bytes().min(MAX_PFN_BYTES) & !3;
+    let (mut changed, mut ignored) = (0u64, 0u64);
+    let mut run: Option<(usize, u64, u64)> = None; // (region, first pfn, pages)
+    let mut buf = [0u8; 4096];
+    let mut region = 0usize;
+    while left > 0 {
+        let n = left.min(buf.len());
+        if reader.read_exact(&mut buf[..n]).is_err() {
+            break;
+        }
+        left -= n;
+        let mut pfns: Vec<u64> = buf[..n]
+            .chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        pfns.sort_unstable();
+        for pfn in pfns {
+            if !ram.get(region).is_some_and(|r| r.contains(pfn)) {
+                match ram.iter().position(|r| r.contains(pfn)) {
+                    Some(i) => region = i,
+                    None => {
+                        ignored += 1;
+                        continue;
+                    }
+                }
+            }
+            if !ram[region].flip(pfn, inflate) {
+                ignored += 1;
+                continue;
+            }
+            changed += 1;
+            if !inflate {
+                continue;
+            }
+            run = match run {
+                Some((r, first, len)) if r == region && first + len == pfn => {
+                    Some((r, first, len + 1))
+                }
+                Some((r, first, len)) => {
+                    release(mem, &ram[r], first, len, shared);
+                    Some((region, pfn, 1))
+                }
+                None => Some((region, pfn, 1)),
+            };
+        }
+    }
+    if let Some((r, first, len)) = run {
+        release(mem, &ram[r], first, len, shared);
+    }
+    if inflate {
+        shared.inflated_pages.fetch_add(changed, SeqCst);
+    } else {
+        shared.inflated_pages.fetch_sub(changed, SeqCst);
+    }
+    shared.ignored_pfns.fetch_add(ignored, SeqCst);
+}
+
+/// Parses a stats buffer; `None` if it cannot be read at all.
+fn parse_stats(chain: Chain<'_>, mem: &GuestMemory) -> Option<BalloonStats> {
+    let mut reader = chain.reader(mem).ok()?;
+    let n = reader.available_bytes().min(MAX_STATS_BYTES);
+    let mut buf = vec![0u8; n];
+    reader.read_exact(&mut buf).ok()?;
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH);
+    let mut s = BalloonStats {
+        updated_unix_ms: since_epoch.map_or(0, |d| d.as_millis() as u64),
+        ..BalloonStats::default()
+    };
+    for e in buf.chunks_exact(STAT_LEN) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&e[2..]);
+        match stat_slot(&mut s, tag) {
+            Some(slot) => *slot = Some(u64::from_le_bytes(v)),
+            None => s.unknown_tags = s.unknown_tags.saturating_add(1),
+        }
+    }
+    Some(s)
+}
+
+struct BalloonHandler {
+    mem: GuestMemory,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    shared: Arc<Shared>,
+    /// Inflate and deflate queues.
+    pfn_queues: [(Queue, EventFd); 2],
+    stats: Option<(Queue, EventFd)>,
+    stats_vq: bool,
+    /// The stats buffer the device holds until it wants fresh numbers.
+    held: Option<u16>,
+    kick: EventFd,
+    timer: TimerFd,
+    armed_ms: u64,
+    ram: Vec<RamRegion>,
+}
+
+impl BalloonHandler {
+    fn queue_err(queue: u16) -> impl Fn(virtio_queue::Error) -> DeviceError {
+        move |source| DeviceError::Queue { queue, source }
+    }
+
+    /// Arms the refresh timer with the handle's interval, if it changed.
+    fn rearm(&mut self) {
+        let ms = self.shared.stats_interval_ms.load(SeqCst);
+        if ms == self.armed_ms || !self.stats_vq {
+            return;
+        }
+        let every = Duration::from_millis(ms);
+        let res = if ms == 0 {
+            self.timer.clear()
+        } else {
+            self.timer.reset(every, Some(every))
+        };
+        match res {
+            Ok(()) => self.armed_ms = ms,
+            Err(e) => tracing::warn!("balloon: cannot arm the stats timer: {e}"),
+        }
+    }
+
+    /// Takes new stats buffers: records them and holds the newest.
+    fn stats_posted(&mut self) -> Result<(), DeviceError> {
+        let Some((queue, event)) = self.stats.as_mut() else {
+            return Ok(());
+        };
+        let _ = event.read();
+        let (mem, err) = (&self.mem, Self::queue_err(STATS as u16));
+        let mut used_any = false;
+        loop {
+            queue.disable_notification(mem).map_err(&err)?;
+            loop {
+                let chain = queue.iter(mem).map_err(&err)?.next();
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                if let Some(stats) = parse_stats(chain, mem) {
+                    *lock(&self.shared.stats) = Some(stats);
+                }
+                // A driver posting several buffers gets the older ones back at once.
+                if let Some(old) = self.held.replace(head) {
+                    queue.add_used(mem, old, 0).map_err(&err)?;
+                    used_any = true;
+                }
+            }
+            if !queue.enable_notification(mem).map_err(&err)? {
+                break;
+            }
+        }
+        if used_any && queue.needs_notification(mem).map_err(&err)? {
+            self.interrupt.signal_queue(STATS as u16);
+        }
+        Ok(())
+    }
+
+    /// Gives the held stats buffer back so the driver refills it.
+    fn refresh_stats(&mut self) -> Result<(), DeviceError> {
+        let (Some((queue, _)), Some(head)) = (self.stats.as_mut(), self.held) else {
+            return Ok(());
+        };
+        let err = Self::queue_err(STATS as u16);
+        queue.add_used(&self.mem, head, 0).map_err(&err)?;
+        self.held = None;
+        if queue.needs_notification(&self.mem).map_err(&err)? {
+            self.interrupt.signal_queue(STATS as u16);
+        }
+        Ok(())
+    }
+}
+
+impl EventHandler for BalloonHandler {
+    fn handle(&mut self, token: u64) -> Result<(), DeviceError> {
+        match token {
+            INFLATE | DEFLATE => {
+                let (queue, event) = &mut self.pfn_queues[token as usize];
+                let _ = event.read();
+                let (mem, ram, shared) = (&self.mem, &mut self.ram, &*self.shared);
+                process_queue(queue, token as u16, mem, &*self.interrupt, |chain| {
+                    balloon_chain(chain, mem, ram, shared, token == INFLATE);
+                    Some(0)
+                })
+            }
+            STATS => self.stats_posted(),
+            TOKEN_KICK => {
+                let _ = self.kick.read();
+                self.rearm();
+                if self.shared.stats_requested.swap(false, SeqCst) {
+                    self.refresh_stats()?;
+                }
+                Ok(())
+            }
+            // Non-blocking read: nothing to do if a re-arm already consumed the expiry.
+            TOKEN_TIMER => match self.timer.wait() {
+                Ok(n) if n > 0 => self.refresh_stats(),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{memory, wait_for, TestInterrupt, TestQueue};
+    use vm_memory::{Bytes, GuestRegionMmap, MmapRegion};
+
+    const MIB: u64 = 1 << 20;
+
+    struct Rig {
+        mem: GuestMemory,
+        int: Arc<TestInterrupt>,
+        dev: Balloon,
+        h: BalloonHandle,
+        qs: Vec<TestQueue>,
+        evts: Vec<EventFd>,
+    }
+
+    /// `dev` activated on `mem`, its three queues' rings at 0, 12 and 24 KiB.
+    fn rig((mut dev, h): (Balloon, BalloonHandle), mem: GuestMemory, features: u64) -> Rig {
+        let qs: Vec<_> = (0..3)
+            .map(|i| TestQueue::new(&mem, i * 0x3000, 256))
+            .collect();
+        let evts: Vec<_> = (0..3).map(|_| EventFd::new(0).unwrap()).collect();
+        let int = Arc::new(TestInterrupt::default());
+        let queue_events = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let queues = qs.iter().map(TestQueue::queue).collect();
+        let (m, interrupt) = (mem.clone(), int.clone());
+        dev.activate(ActivateContext {
+            mem: m,
+            interrupt,
+            queues,
+            queue_events,
+            features,
+        })
+        .unwrap();
+        Rig {
+            mem,
+            int,
+            dev,
+            h,
+            qs,
+            evts,
+        }
+    }
+
+    fn rig64() -> Rig {
+        rig(
+            Balloon::new(true),
+            memory(64 << 20),
+            VIRTIO_BALLOON_F_STATS_VQ,
+        )
+    }
+
+    impl Rig {
+        /// Makes `bytes` available as one readable buffer on queue `q` (descriptor `head`).
+        fn post(&mut self, q: usize, head: u16, bytes: &[u8]) {
+            let addr = MIB * (q as u64 + 1) + u64::from(head) * 0x1000;
+            self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+            self.qs[q].chain(head, &[(addr, bytes.len() as u32, false)]);
+            self.qs[q].publish(head);
+        }
+        fn pfns(&mut self, q: usize, head: u16, pfns: &[u32]) {
+            let b: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+            self.post(q, head, &b);
+        }
+        fn kick(&self, q: usize) {
+            self.evts[q].write(1).unwrap();
+        }
+        fn config(&self) -> (u32, u32) {
+            let mut c = [0u8; 8];
+            self.dev.read_config(0, &mut c);
+            let w = |i: usize| u32::from_le_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
+            (w(0), w(4))
+        }
+        /// (queue interrupts, config interrupts, broken)
+        fn ints(&self) -> (usize, usize, bool) {
+            let i = &self.int;
+            let q = i.queue_signals.load(SeqCst);
+            (q, i.config_signals.load(SeqCst), i.broken.load(SeqCst))
+        }
+    }
+
+    fn stats_bytes(entries: &[(u16, u64)]) -> Vec<u8> {
+        let e = entries.iter();
+        e.flat_map(|(t, v)| t.to_le_bytes().into_iter().chain(v.to_le_bytes()))
+            .collect()
+    }
+
+    /// Resident pages of guest range [addr, addr + len), from mincore(2).
+    fn resident(mem: &GuestMemory, addr: u64, len: u64) -> usize {
+        let host = mem.get_host_address(GuestAddress(addr)).unwrap();
+        let mut v = vec![0u8; (len >> PAGE_SHIFT) as usize];
+        // SAFETY: `host` is the page-aligned start of `len` mapped bytes of guest memory and
+        // `v` has one byte per page, as mincore requires.
+        let rc = unsafe { libc::mincore(host.cast(), len as usize, v.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    fn rss_mib() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096 / MIB
+    }
+
+    #[test]
+    fn target_config_and_actual() {
+        assert_ne!(
+            Balloon::new(true).0.features() & VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+            0
+        );
+        let (mut dev, h) = Balloon::new(false);
+        assert_eq!(dev.features() & VIRTIO_BALLOON_F_DEFLATE_ON_OOM, 0);
+        assert_eq!(dev.queue_max_sizes().len(), 3);
+        // Before activation and with unknown RAM: recorded, bounded by the config field.
+        h.set_target(100 * MIB + 123).unwrap();
+        assert_eq!(h.target(), 100 * MIB);
+        assert!(h.set_target(1 << 50).is_err());
+        assert_eq!(h.request_stats(), Err(BalloonError::NotActive));
+        dev.set_guest_ram(64 * MIB);
+        let too_big = BalloonError::TargetTooLarge {
+            target: 33 * MIB,
+            max: 32 * MIB,
+        };
+        assert_eq!(h.set_target(33 * MIB), Err(too_big));
+        // Activation (64 MiB) clamps the recorded 100 MiB to RAM minus the floor.
+        let mut r = rig((dev, h), memory(64 << 20), 0);
+        assert_eq!(r.h.target(), 32 * MIB);
+        // Active: the config follows the target and the driver is told.
+        r.h.set_target(16 * MIB + 4095).unwrap();
+        assert_eq!(
+            (r.config(), r.h.target(), r.ints()),
+            ((4096, 0), 16 * MIB, (0, 1, false))
+        );
+        assert!(r.h.set_target(32 * MIB + 4096).is_err());
+        assert_eq!(r.ints().1, 1);
+        // The driver writes `actual`, whole or by bytes; writes to `num_pages` are ignored.
+        r.dev.write_config(4, &3000u32.to_le_bytes());
+        assert_eq!(r.h.actual(), 3000 * 4096);
+        r.dev.write_config(0, &[0xff; 6]);
+        r.dev.write_config(u64::MAX, &[1, 2, 3]);
+        assert_eq!(r.config(), (4096, 0xffff));
+        assert_eq!(r.h.request_stats(), Err(BalloonError::StatsUnavailable));
+        // Reset: the guest has all its memory back, the target stays, no more interrupts.
+        r.dev.reset();
+        assert_eq!((r.h.actual(), r.h.target()), (0, 16 * MIB));
+        r.h.set_target(8 * MIB).unwrap();
+        assert_eq!(r.ints().1, 1);
+    }
+
+    #[test]
+    fn inflate_releases_host_memory() {
+        let mut r = rig64();
+        let (base, len) = (16 * MIB, 32 * MIB);
+        for off in (0..len).step_by(MIB as usize) {
+            let chunk = [0xa5u8; MIB as usize];
+            r.mem.write_slice(&chunk, GuestAddress(base + off)).unwrap();
+        }
+        let (before, rss_before) = (resident(&r.mem, base, len), rss_mib());
+        assert_eq!(before as u64, len >> PAGE_SHIFT);
+        // Like Linux: 256 PFNs per buffer (here in descending order), one notification.
+        let first = (base >> PAGE_SHIFT) as u32;
+        for b in 0..32 {
+            let start = first + u32::from(b) * 256;
+            r.pfns(0, b, &(start..start + 256).rev().collect::<Vec<_>>());
+        }
+        r.kick(0);
+        r.qs[0].wait_used(32);
+        let (after, rss_after) = (resident(&r.mem, base, len), rss_mib());
+        eprintln!(
+            "balloon: {before} -> {after} resident pages, RSS {rss_before} -> {rss_after} MiB"
+        );
+        assert_eq!(after, 0);
+        assert!(rss_before - rss_after >= 24, "RSS did not drop");
+        assert_eq!(r.h.inflated_bytes(), len);
+        assert_eq!(
+            r.dev.shared.madvise_calls.load(SeqCst),
+            32,
+            "runs coalesced"
+        );
+        assert_eq!(r.qs[0].used(5), (5, 0));
+        for off in (0..len).step_by(4096 * 97) {
+            assert_eq!(r.mem.read_obj::<u64>(GuestAddress(base + off)).unwrap(), 0);
+        }
+        // Deflating is accounting only.
+        r.pfns(1, 0, &(first..first + 4096).collect::<Vec<_>>());
+        r.kick(1);
+        r.qs[1].wait_used(1);
+        assert_eq!((r.h.inflated_bytes(), r.h.ignored_pfns()), (16 * MIB, 0));
+        assert_eq!(r.ints(), (2, 0, false));
+    }
+
+    #[test]
+    fn hostile_inflate_and_deflate() {
+        let mut r = rig64();
+        let end = (64 << 20 >> PAGE_SHIFT) as u32;
+        // Out of range (2), a duplicate, and a trailing partial PFN.
+        let pfns = [0x1000, end, u32::MAX, 0x1000, 0x1001];
+        let mut b: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        b.extend_from_slice(&[2, 0, 0]);
+        r.post(0, 0, &b);
+        // A write-only buffer, a buffer outside guest memory, one running off its end.
+        r.qs[0].chain(1, &[(MIB, 64, true)]);
+        r.qs[0].chain(2, &[(1 << 40, 4096, false)]);
+        r.qs[0].chain(3, &[(60 * MIB, u32::MAX, false)]);
+        // A descriptor loop (4 -> 5 -> 4 ...) over PFN 0x2000: 256 reads, 255 duplicates.
+        r.mem
+            .write_obj(0x2000u32, GuestAddress(MIB + 0x8000))
+            .unwrap();
+        r.qs[0].desc(4, MIB + 0x8000, 4, 1, 5);
+        r.qs[0].desc(5, MIB + 0x8000, 4, 1, 4);
+        for head in 1..5 {
+            r.qs[0].publish(head);
+        }
+        r.kick(0);
+        r.qs[0].wait_used(5);
+        assert_eq!(r.h.inflated_bytes(), 3 * 4096);
+        assert_eq!(r.h.ignored_pfns(), 3 + 255);
+        // Deflating frames never inflated, or twice, is ignored.
+        r.pfns(1, 0, &[0x1000, 0x1000, 0x1002, end]);
+        r.kick(1);
+        r.qs[1].wait_used(1);
+        assert_eq!((r.h.inflated_bytes(), r.h.ignored_pfns()), (2 * 4096, 261));
+        assert!(!r.ints().2);
+        // A malformed ring stops the device, without a panic.
+        let avail_idx = GuestAddress(r.qs[0].avail + 2);
+        r.mem.write_obj(1000u16, avail_idx).unwrap();
+        r.kick(0);
+        wait_for("device broken", || r.ints().2);
+        r.dev.reset();
+        assert_eq!(r.h.inflated_bytes(), 0);
+    }
+
+    #[test]
+    fn holes_and_read_only_regions_are_never_released() {
+        let ram = MmapRegion::new(16 << 20).unwrap();
+        let flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        let rom = MmapRegion::build(None, 1 << 20, libc::PROT_READ, flags).unwrap();
+        let mem = GuestMemory::from_regions(vec![
+            GuestRegionMmap::new(ram, GuestAddress(0)).unwrap(),
+            GuestRegionMmap::new(rom, GuestAddress(32 * MIB)).unwrap(),
+        ])
+        .unwrap();
+        let mut r = rig(Balloon::new(false), mem, 0);
+        r.pfns(0, 0, &[0x1000, 0x1400, 0x2000, 0x20ff]); // hole, hole, ROM, ROM
+        r.kick(0);
+        r.qs[0].wait_used(1);
+        assert_eq!((r.h.ignored_pfns(), r.h.inflated_bytes()), (4, 0));
+        assert_eq!(r.dev.shared.madvise_calls.load(SeqCst), 0);
+        // Only the 16 MiB of RAM count towards the limit (floor 8 MiB).
+        r.h.set_target(8 * MIB).unwrap();
+        r.h.set_target(9 * MIB).unwrap_err();
+    }
+
+    #[test]
+    fn stats_are_held_and_refreshed() {
+        fn serde<T: Serialize + for<'de> Deserialize<'de>>() {}
+        serde::<BalloonStats>();
+        let mut r = rig64();
+        let mut b = stats_bytes(&[(0, 1), (4, 100 * MIB), (5, 64 * MIB), (0x7777, 9), (2, 5)]);
+        b.extend_from_slice(&[6, 0, 1]); // partial entry: dropped
+        r.post(2, 0, &b);
+        r.kick(2);
+        wait_for("stats", || r.h.stats().is_some());
+        let s = r.h.stats().unwrap();
+        assert_eq!(
+            (s.swap_in_bytes, s.major_faults, s.available_bytes),
+            (Some(1), Some(5), None)
+        );
+        assert_eq!(
+            (s.free_bytes, s.total_bytes),
+            (Some(100 * MIB), Some(64 * MIB))
+        );
+        assert_eq!(s.unknown_tags, 1);
+        assert!(s.updated_unix_ms > 0);
+        // Held until asked for.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(r.qs[2].used_idx(), 0);
+        r.h.request_stats().unwrap();
+        r.qs[2].wait_used(1);
+        assert_eq!((r.qs[2].used(0), r.ints()), ((0, 0), (1, 0, false)));
+        // Asking with nothing held does nothing; the driver refills the buffer.
+        r.h.request_stats().unwrap();
+        r.post(2, 1, &stats_bytes(&[(4, 7)]));
+        r.kick(2);
+        wait_for("new stats", || r.h.stats().unwrap().free_bytes == Some(7));
+        assert_eq!(r.h.stats().unwrap().total_bytes, None);
+        // An unreadable buffer keeps the old numbers but is held like any other, and a
+        // second buffer makes the device give the first one back at once.
+        r.qs[2].chain(2, &[(1 << 40, 10, false)]);
+        r.qs[2].publish(2);
+        r.kick(2);
+        r.qs[2].wait_used(2);
+        assert_eq!(r.qs[2].used(1), (1, 0));
+        assert_eq!(r.h.stats().unwrap().free_bytes, Some(7));
+        // Periodic refresh.
+        r.h.set_stats_interval(Duration::from_millis(20));
+        assert_eq!(r.h.stats_interval(), Duration::from_millis(20));
+        r.qs[2].wait_used(3);
+        r.post(2, 3, &stats_bytes(&[(4, 8)]));
+        r.kick(2);
+        r.qs[2].wait_used(4);
+        r.h.set_stats_interval(Duration::ZERO);
+        assert!(!r.ints().2);
+    }
+}
