@@ -22,8 +22,16 @@
 //!
 //! The thread pool ([`EngineKind::ThreadPool`]) works on any [`DiskImage`]: each worker
 //! takes the next request, runs it with the image's positional I/O and queues the completion.
-//! Requests in flight at the same time may complete in any order, as virtio allows; a
-//! `Flush` completes after the writes that *completed* before it was submitted.
+//! It always exists and is the fallback.
+//!
+//! io_uring ([`EngineKind::IoUring`], cargo feature `io-uring`, on by default) serves raw
+//! images that offer their file descriptor ([`DiskImage::raw_file_fd`]): requests become
+//! `readv`/`writev`/`fsync`/`fallocate` submissions on a ring whose completions signal the
+//! same `EventFd`; no worker threads. [`EngineKind::Auto`] takes it when the host's kernel
+//! has io_uring with those operations (probed at run time) and the image allows it.
+//!
+//! Either way, requests in flight at the same time may complete in any order, as virtio
+//! allows; a `Flush` covers the writes that *completed* before it was submitted.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -82,11 +90,13 @@ pub struct Completion {
 /// Which engine to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EngineKind {
-    /// The best this host and image allow (today: the thread pool).
+    /// io_uring when this host and image allow it, else the thread pool.
     #[default]
     Auto,
     /// Worker threads calling the image's positional I/O.
     ThreadPool,
+    /// io_uring, or an error saying why it cannot be used here.
+    IoUring,
 }
 
 /// Engine settings.
@@ -107,17 +117,40 @@ impl Default for EngineConfig {
     }
 }
 
-struct Shared {
-    image: Arc<dyn DiskImage>,
-    done: Mutex<VecDeque<Completion>>,
-    eventfd: EventFd,
+pub(crate) struct Shared {
+    pub(crate) image: Arc<dyn DiskImage>,
+    /// Finished requests waiting for `take_completions`.
+    pub(crate) done: Mutex<VecDeque<Completion>>,
+    pub(crate) eventfd: EventFd,
+}
+
+impl Shared {
+    /// Queues a completion and signals the event fd.
+    pub(crate) fn complete(&self, c: Completion) {
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(c);
+        if let Err(e) = self.eventfd.write(1) {
+            tracing::warn!("block engine: cannot signal a completion: {e}");
+        }
+    }
+}
+
+enum Backend {
+    Pool {
+        tx: Option<Sender<Request>>,
+        workers: Vec<JoinHandle<()>>,
+    },
+    #[cfg(feature = "io-uring")]
+    Uring(Box<crate::uring::Uring>),
 }
 
 /// Runs block requests on an image off the calling thread.
 pub struct IoEngine {
+    // Dropped first: the backend finishes in-flight I/O before the image goes.
+    backend: Backend,
     shared: Arc<Shared>,
-    tx: Option<Sender<Request>>,
-    workers: Vec<JoinHandle<()>>,
 }
 
 impl IoEngine {
@@ -130,39 +163,47 @@ impl IoEngine {
             done: Mutex::new(VecDeque::new()),
             eventfd,
         });
-        let (tx, rx) = mpsc::channel::<Request>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut workers = Vec::new();
-        for i in 0..config.workers.max(1) {
-            let (shared, rx) = (shared.clone(), rx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("blk-worker{i}"))
-                .spawn(move || worker(&shared, &rx));
-            match spawned {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    drop(tx);
-                    for w in workers {
-                        let _ = w.join();
-                    }
-                    return Err(Error::io("block engine", "spawn worker", 0, e));
+        let backend = match config.kind {
+            EngineKind::ThreadPool => start_pool(&shared, config.workers)?,
+            EngineKind::IoUring => Self::uring(&shared).map_err(|why| {
+                Error::InvalidArgument(format!("the io_uring block engine cannot be used: {why}"))
+            })?,
+            EngineKind::Auto => match Self::uring(&shared) {
+                Ok(b) => b,
+                Err(why) => {
+                    tracing::debug!("block engine: io_uring not used ({why}): thread pool");
+                    start_pool(&shared, config.workers)?
                 }
-            }
-        }
-        Ok(IoEngine {
-            shared,
-            tx: Some(tx),
-            workers,
-        })
+            },
+        };
+        Ok(IoEngine { backend, shared })
     }
 
-    /// Queues a request. Its completion arrives later through [`IoEngine::take_completions`].
+    #[cfg(feature = "io-uring")]
+    fn uring(shared: &Arc<Shared>) -> std::result::Result<Backend, String> {
+        crate::uring::Uring::new(shared.clone()).map(|u| Backend::Uring(Box::new(u)))
+    }
+
+    #[cfg(not(feature = "io-uring"))]
+    fn uring(_: &Arc<Shared>) -> std::result::Result<Backend, String> {
+        Err("keel-block was built without the io-uring feature".into())
+    }
+
+    /// Queues a request. Its completion arrives later through [`IoEngine::take_completions`]
+    /// (invalid requests too: they complete with an error).
     pub fn submit(&self, request: Request) -> Result<()> {
-        self.tx
-            .as_ref()
-            .ok_or(Error::EngineStopped)?
-            .send(request)
-            .map_err(|_| Error::EngineStopped)
+        match &self.backend {
+            Backend::Pool { tx, .. } => tx
+                .as_ref()
+                .ok_or(Error::EngineStopped)?
+                .send(request)
+                .map_err(|_| Error::EngineStopped),
+            #[cfg(feature = "io-uring")]
+            Backend::Uring(u) => {
+                u.submit(request);
+                Ok(())
+            }
+        }
     }
 
     /// Becomes readable when completions are waiting. Register it with the device's poll
@@ -175,13 +216,21 @@ impl IoEngine {
     /// arrives meanwhile signals again).
     pub fn take_completions(&self) -> Vec<Completion> {
         let _ = self.shared.eventfd.read();
+        #[cfg(feature = "io-uring")]
+        if let Backend::Uring(u) = &self.backend {
+            u.reap();
+        }
         let mut done = self.shared.done.lock().unwrap_or_else(|p| p.into_inner());
         done.drain(..).collect()
     }
 
-    /// The engine in use: `"thread-pool"`.
+    /// The engine in use: `"thread-pool"` or `"io_uring"`.
     pub fn engine_name(&self) -> &'static str {
-        "thread-pool"
+        match &self.backend {
+            Backend::Pool { .. } => "thread-pool",
+            #[cfg(feature = "io-uring")]
+            Backend::Uring(_) => "io_uring",
+        }
     }
 
     /// The image requests run on.
@@ -191,13 +240,43 @@ impl IoEngine {
 }
 
 impl Drop for IoEngine {
-    /// Stops taking requests, lets the workers finish those already queued, joins them.
+    /// Stops taking requests and finishes those already submitted (the thread pool runs its
+    /// queue dry; io_uring waits for the kernel to finish with every buffer).
+    #[allow(irrefutable_let_patterns)] // without the io-uring feature
     fn drop(&mut self) {
-        self.tx = None;
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        if let Backend::Pool { tx, workers } = &mut self.backend {
+            *tx = None;
+            for w in workers.drain(..) {
+                let _ = w.join();
+            }
         }
     }
+}
+
+fn start_pool(shared: &Arc<Shared>, n: usize) -> Result<Backend> {
+    let (tx, rx) = mpsc::channel::<Request>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    for i in 0..n.max(1) {
+        let (shared, rx) = (shared.clone(), rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("blk-worker{i}"))
+            .spawn(move || worker(&shared, &rx));
+        match spawned {
+            Ok(h) => workers.push(h),
+            Err(e) => {
+                drop(tx);
+                for w in workers {
+                    let _ = w.join();
+                }
+                return Err(Error::io("block engine", "spawn worker", 0, e));
+            }
+        }
+    }
+    Ok(Backend::Pool {
+        tx: Some(tx),
+        workers,
+    })
 }
 
 fn worker(shared: &Shared, rx: &Mutex<Receiver<Request>>) {
@@ -210,39 +289,35 @@ fn worker(shared: &Shared, rx: &Mutex<Receiver<Request>>) {
         if let Err(e) = &result {
             tracing::debug!("block request {:?} at {} failed: {e}", req.kind, req.offset);
         }
-        shared
-            .done
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Completion {
-                user_data: req.user_data,
-                result,
-                buffers: req.buffers,
-            });
-        if let Err(e) = shared.eventfd.write(1) {
-            tracing::warn!("block engine: cannot signal a completion: {e}");
-        }
+        shared.complete(Completion {
+            user_data: req.user_data,
+            result,
+            buffers: req.buffers,
+        });
     }
+}
+
+/// Checks a request against the image (range, read-only) before any I/O; returns the
+/// bytes it covers. A multi-buffer write that would fail on its last buffer fails whole.
+pub(crate) fn validate(image: &dyn DiskImage, req: &Request) -> Result<u64> {
+    let name = || format!("disk {}", image.id());
+    let len = match req.kind {
+        RequestKind::Read | RequestKind::Write => req.buffers.iter().map(|b| b.len() as u64).sum(),
+        RequestKind::Flush => return Ok(0),
+        RequestKind::Discard { len } | RequestKind::WriteZeroes { len } => len,
+    };
+    if req.kind != RequestKind::Read && image.read_only() {
+        return Err(Error::ReadOnly { image: name() });
+    }
+    crate::check_range(&name(), req.offset, len, image.size())?;
+    Ok(len)
 }
 
 /// Runs one request to the end.
 pub(crate) fn execute(image: &dyn DiskImage, req: &mut Request) -> Result<usize> {
-    let out_of_range = |len: u64| Error::OutOfRange {
-        image: image.id(),
-        offset: req.offset,
-        len,
-        size: image.size(),
-    };
+    let total = validate(image, req)?;
     match req.kind {
         RequestKind::Read | RequestKind::Write => {
-            let total: u64 = req.buffers.iter().map(|b| b.len() as u64).sum();
-            if req
-                .offset
-                .checked_add(total)
-                .is_none_or(|e| e > image.size())
-            {
-                return Err(out_of_range(total));
-            }
             let mut off = req.offset;
             for b in &mut req.buffers {
                 if req.kind == RequestKind::Read {
@@ -252,12 +327,10 @@ pub(crate) fn execute(image: &dyn DiskImage, req: &mut Request) -> Result<usize>
                 }
                 off += b.len() as u64;
             }
-            Ok(total as usize)
         }
-        RequestKind::Flush => image.flush().map(|()| 0),
-        RequestKind::Discard { len } => image.discard(req.offset, len).map(|()| len as usize),
-        RequestKind::WriteZeroes { len } => {
-            image.write_zeroes(req.offset, len).map(|()| len as usize)
-        }
+        RequestKind::Flush => image.flush()?,
+        RequestKind::Discard { len } => image.discard(req.offset, len)?,
+        RequestKind::WriteZeroes { len } => image.write_zeroes(req.offset, len)?,
     }
+    Ok(total as usize)
 }

@@ -24,6 +24,8 @@ mod lock;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+#[cfg(feature = "io-uring")]
+mod uring;
 
 use std::fs::File;
 use std::path::Path;
@@ -97,6 +99,13 @@ pub trait DiskImage: Send + Sync {
     fn id(&self) -> String;
     /// The image's format.
     fn format(&self) -> ImageFormat;
+    /// For engines that hand I/O to the kernel themselves (io_uring): the descriptor of a
+    /// file that *is* the virtual disk byte for byte, needing no checks beyond range and
+    /// read-only ones. Only raw images opened without `O_DIRECT` and with a given format
+    /// offer it; everything else goes through the methods above.
+    fn raw_file_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
 }
 
 /// How to open an image.

@@ -51,3 +51,9 @@ pub(crate) fn lock(file: &File, path: &Path, read_only: bool) -> Result<()> {
         }
     }
 }
+
+/// Releases a lock taken by [`lock`] (nothing happens if there is none).
+pub(crate) fn unlock(file: &File) {
+    // SAFETY: flock only reads the fd, which `file` keeps open for this call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}

@@ -162,6 +162,13 @@ impl DiskImage for RawImage {
     fn format(&self) -> ImageFormat {
         ImageFormat::Raw
     }
+
+    fn raw_file_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        if self.probed || self.storage.direct() {
+            return None;
+        }
+        self.storage.raw_fd()
+    }
 }
 
 /// Writes `len` zero bytes at `offset`, a chunk at a time.

@@ -37,6 +37,10 @@ pub trait Storage: Send + Sync {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Whether I/O bypasses the page cache (`O_DIRECT`: alignment rules apply to the fd).
+    fn direct(&self) -> bool {
+        false
+    }
 
     /// Reads exactly `buf.len()` bytes; a short file is `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -123,6 +127,14 @@ impl FileStorage {
             }
         }
         Ok((bounce, start, done as u64))
+    }
+}
+
+impl Drop for FileStorage {
+    /// Drops the image lock explicitly: a forked child that has not reached `exec` yet holds
+    /// a copy of the descriptor, and closing ours alone would leave the lock held by it.
+    fn drop(&mut self) {
+        crate::lock::unlock(&self.file);
     }
 }
 
@@ -217,6 +229,10 @@ impl Storage for FileStorage {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn direct(&self) -> bool {
+        self.direct
     }
 }
 
