@@ -253,5 +253,14 @@ pub(crate) fn device_id(identity: Option<(u64, u64)>, fallback: &str) -> String 
     format!("keel{h:016x}")
 }
 
+// The device model moves the engine to its own thread and shares images between workers.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<IoEngine>();
+    send_sync::<RawImage>();
+    send_sync::<Qcow2Image>();
+    send_sync::<Error>();
+};
+
 #[cfg(test)]
 mod tests;

@@ -190,6 +190,13 @@ impl Storage for FileStorage {
             let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
             return self.file.write_all_at(buf, offset);
         }
+        if Self::is_aligned(0, buf.len(), offset) {
+            // Whole blocks from an unaligned buffer: copy, no read needed.
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.as_mut().copy_from_slice(buf);
+            let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
+            return self.file.write_all_at(bounce.as_ref(), offset);
+        }
         let _exclusive = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let (mut bounce, start, _) = self.read_blocks(offset, buf.len())?;
         let skip = (offset - start) as usize;

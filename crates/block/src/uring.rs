@@ -44,8 +44,16 @@ struct InFlight {
     /// Bytes transferred so far (a short read/write is resubmitted for the rest).
     done: u64,
     /// Describes the not yet transferred part of `req.buffers`; read by the kernel.
-    iovecs: Vec<libc::iovec>,
+    iovecs: IoVecs,
 }
+
+/// `iovec`s pointing into the buffers of the same [`InFlight`].
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers refer only to heap buffers owned by the same `InFlight` (moving it
+// between threads moves neither), and they are dereferenced only by the kernel, never by
+// this process, so no thread-affine state is involved.
+unsafe impl Send for IoVecs {}
 
 impl Uring {
     /// Sets up a ring for `shared.image`, or says why not.
@@ -207,7 +215,7 @@ impl Uring {
                 req,
                 total,
                 done: 0,
-                iovecs: Vec::new(),
+                iovecs: IoVecs(Vec::new()),
             };
             if let Err(e) = self.push(st, slot, op) {
                 tracing::warn!("io_uring: submission failed: {e}");
@@ -233,8 +241,8 @@ impl Uring {
         let off = op.req.offset + op.done;
         let entry: squeue::Entry = match op.req.kind {
             RequestKind::Read | RequestKind::Write => {
-                op.iovecs = iovecs_after(&mut op.req.buffers, op.done);
-                let (ptr, n) = (op.iovecs.as_ptr(), op.iovecs.len() as u32);
+                op.iovecs = IoVecs(iovecs_after(&mut op.req.buffers, op.done));
+                let (ptr, n) = (op.iovecs.0.as_ptr(), op.iovecs.0.len() as u32);
                 if op.req.kind == RequestKind::Read {
                     opcode::Readv::new(fd, ptr, n).offset(off).build()
                 } else {

@@ -119,12 +119,17 @@ fn create(path: &Path, size: u64, backing: Option<(&Path, ImageFormat)>) -> Resu
             path: path.to_path_buf(),
             source,
         })?;
-    let io = |r: std::io::Result<()>| r.map_err(|e| fail(e.to_string()));
-    io(file.write_all_at(&head, 0))?;
-    io(file.write_all_at(&table, rt))?;
-    io(file.write_all_at(&block, rb))?;
-    io(file.set_len(clusters * cs))?;
-    io(file.sync_all())?;
+    let written = file
+        .write_all_at(&head, 0)
+        .and_then(|()| file.write_all_at(&table, rt))
+        .and_then(|()| file.write_all_at(&block, rb))
+        .and_then(|()| file.set_len(clusters * cs))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // Leave no half-made image behind.
+        let _ = std::fs::remove_file(path);
+        return Err(fail(e.to_string()));
+    }
     Ok(())
 }
 

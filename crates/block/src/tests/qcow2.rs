@@ -246,3 +246,53 @@ fn concurrent_writers_on_one_qcow2() {
         qemu_check(&q, &d.join("ov.qcow2"));
     }
 }
+
+#[test]
+fn direct_io_qcow2_overlay() {
+    let dir = tmpdir();
+    let d = dir.as_path();
+    write_file(&d.join("base.raw"), &pattern(2 << 20, 6));
+    create_qcow2_overlay(&d.join("ov.qcow2"), Path::new("base.raw"), ImageFormat::Raw).unwrap();
+    let opts = OpenOptions {
+        direct: true,
+        ..rw()
+    };
+    let img = match open_image(&d.join("ov.qcow2"), &opts) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED direct_io_qcow2_overlay: {e}");
+            return;
+        }
+    };
+    let mut expect = pattern(2 << 20, 6);
+    for (off, len, seed) in [
+        (0usize, 4096usize, 1u8),
+        (70_000, 333, 2),
+        (CS * 3, CS * 2, 3),
+    ] {
+        let data = pattern(len, seed);
+        img.write_at(&data, off as u64).unwrap();
+        expect[off..off + len].copy_from_slice(&data);
+    }
+    img.write_zeroes(CS as u64 * 8, CS as u64).unwrap();
+    expect[CS * 8..CS * 9].fill(0);
+    assert!(read_all(img.as_ref()) == expect);
+    img.flush().unwrap();
+    drop(img);
+    if let Some(q) = qemu_img("direct_io_qcow2_overlay") {
+        qemu_check(&q, &d.join("ov.qcow2"));
+        let raw = d.join("expect.raw");
+        write_file(&raw, &expect);
+        run(
+            &q,
+            &[
+                "compare",
+                "-q",
+                "-F",
+                "raw",
+                s(&d.join("ov.qcow2")),
+                s(&raw),
+            ],
+        );
+    }
+}
