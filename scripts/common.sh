@@ -12,7 +12,10 @@ say() {
 die() { printf '[keel] error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages for building Keel (gcc for the guest test kit) and its guest kernel.
-KEEL_APT_PACKAGES=(build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3)
+# iproute2 and iputils-ping: the virtio-net end-to-end test; qemu-utils: qcow2 interop tests;
+# e2fsprogs: the ext4 root image.
+KEEL_APT_PACKAGES=(build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3
+    iproute2 iputils-ping qemu-utils e2fsprogs)
 
 install_packages() {
     local missing=()

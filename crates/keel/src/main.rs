@@ -1,5 +1,6 @@
 //! `keel`: run a VM on the serial console, or check what this host offers.
 
+mod ctl;
 mod host_check;
 mod terminal;
 
@@ -32,6 +33,8 @@ enum Command {
     /// The VM ends when the guest powers off or reboots (exit status 0), on SIGINT/SIGTERM
     /// (128+signal), on Ctrl-A x typed at the console (0), or when a vCPU fails (1).
     Run(RunArgs),
+    /// Control a running VM through its API socket.
+    Ctl(ctl::CtlArgs),
     /// Report whether this host can run Keel VMs: the KVM kind, capabilities, cgroups, devices.
     HostCheck {
         /// Print the report as JSON.
@@ -86,7 +89,7 @@ struct RunArgs {
     shutdown_timeout: u32,
 }
 
-fn memory_size(s: &str) -> Result<u64, String> {
+pub(crate) fn memory_size(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::HostCheck { json } => host_check::run(json),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

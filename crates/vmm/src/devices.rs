@@ -1,6 +1,7 @@
 //! The PCI side of a VM: the root bus, its configuration and BAR windows on the buses, and
 //! the virtio devices the configuration asks for.
 
+use crate::device_config::{DiskConfig, DiskFormat, NetConfig};
 use crate::{VmConfig, VmmError};
 use keel_arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
 use keel_devices::Bus;
@@ -17,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 pub(crate) struct DeviceHandles {
     /// Names of the PCI devices, in slot order, for logs.
     pub names: Vec<String>,
+    pub balloon: Option<Arc<dyn crate::api::BalloonControl>>,
 }
 
 struct Builder<'a> {
@@ -68,10 +70,41 @@ pub(crate) fn build_pci(
         root: PciRoot::new(),
         handles: DeviceHandles::default(),
     };
+    for (i, disk) in config.disks.iter().enumerate() {
+        b.add(Box::new(block_device(i, disk)?))?;
+    }
+    for net in &config.nets {
+        b.add(Box::new(net_device(net)?))?;
+    }
     if config.rng {
         b.add(Box::new(keel_virtio::rng::Rng::new()))?;
     }
-    unsupported_yet(config)?;
+    if let Some(v) = &config.vsock {
+        let path = match &v.socket {
+            Some(p) => p.clone(),
+            None => default_vsock_socket(v.cid)?,
+        };
+        let dev = keel_virtio::vsock::Vsock::new(v.cid.into(), path.clone()).map_err(|e| {
+            VmmError::Device {
+                name: "--vsock".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        tracing::info!(
+            "vsock cid={}: host connections through {}",
+            v.cid,
+            path.display()
+        );
+        b.add(Box::new(dev))?;
+    }
+    if config.balloon {
+        let (mut balloon, handle) = keel_virtio::balloon::Balloon::new(true);
+        balloon.set_guest_ram(config.memory);
+        // Fresh guest memory statistics every few seconds for `keel ctl balloon-stats`.
+        handle.set_stats_interval(std::time::Duration::from_secs(5));
+        b.add(Box::new(balloon))?;
+        b.handles.balloon = Some(Arc::new(handle));
+    }
     let root = Arc::new(b.root);
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
@@ -91,18 +124,94 @@ pub(crate) fn build_pci(
     Ok(b.handles)
 }
 
-fn unsupported_yet(config: &VmConfig) -> Result<(), VmmError> {
-    let missing = [
-        (!config.disks.is_empty(), "--disk"),
-        (!config.nets.is_empty(), "--net"),
-        (config.vsock.is_some(), "--vsock"),
-        (config.balloon, "--balloon"),
-    ];
-    match missing.iter().find(|(asked, _)| *asked) {
-        Some((_, flag)) => Err(VmmError::Device {
-            name: flag.to_string(),
-            reason: "not available in this build yet".into(),
-        }),
-        None => Ok(()),
+/// The guest's name for disk `index` (vda, vdb, ... vdz, vdaa ...), as Linux assigns them in
+/// PCI order.
+fn disk_name(index: usize) -> String {
+    let mut n = index;
+    let mut s = Vec::new();
+    loop {
+        s.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    s.reverse();
+    format!("vd{}", String::from_utf8_lossy(&s))
+}
+
+fn block_device(index: usize, disk: &DiskConfig) -> Result<keel_virtio::block::Block, VmmError> {
+    let format = disk.format.map(|f| match f {
+        DiskFormat::Raw => keel_block::ImageFormat::Raw,
+        DiskFormat::Qcow2 => keel_block::ImageFormat::Qcow2,
+    });
+    let image = keel_block::open_image(
+        &disk.path,
+        &keel_block::OpenOptions {
+            format,
+            read_only: disk.read_only,
+            direct: false,
+        },
+    )
+    .map_err(|source| VmmError::Disk {
+        path: disk.path.clone(),
+        source,
+    })?;
+    let name = format!("{} ({})", disk_name(index), disk.path.display());
+    tracing::info!(
+        "disk {name}: {} {}, {} bytes",
+        image.format(),
+        if image.read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        image.size(),
+    );
+    Ok(keel_virtio::block::Block::new(
+        image,
+        name,
+        keel_block::EngineConfig::default(),
+    ))
+}
+
+fn net_device(net: &NetConfig) -> Result<keel_virtio::net::Net, VmmError> {
+    let bad = |reason: String| VmmError::Net { reason };
+    let mac = match &net.mac {
+        Some(m) => m
+            .parse::<keel_net::MacAddr>()
+            .map_err(|e| bad(format!("mac={m}: {e}")))?,
+        None => keel_net::MacAddr::random_local().map_err(|e| bad(e.to_string()))?,
+    };
+    let tap = keel_net::Tap::open(net.tap.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let name = tap.name().to_string();
+    let created = tap.created_by_keel();
+    let dev = keel_virtio::net::Net::new(tap, mac).map_err(|e| bad(format!("tap {name}: {e}")))?;
+    tracing::info!(
+        "net: tap {name}{} mac {mac}",
+        if created { " (created by Keel)" } else { "" }
+    );
+    Ok(dev)
+}
+
+/// `/run/keel/vsock-cid<N>.sock` when `--vsock` names no socket.
+fn default_vsock_socket(cid: u32) -> Result<std::path::PathBuf, VmmError> {
+    let dir = std::path::Path::new("/run/keel");
+    std::fs::create_dir_all(dir).map_err(|source| VmmError::Io {
+        what: "creating /run/keel for the vsock socket",
+        source,
+    })?;
+    Ok(dir.join(format!("vsock-cid{cid}.sock")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disk_names_follow_linux() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 701, 702].map(super::disk_name).into();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]
+        );
     }
 }

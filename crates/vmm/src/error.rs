@@ -49,6 +49,16 @@ pub enum VmmError {
     Pci(#[from] keel_pci::PciError),
     #[error("{name}: {reason}")]
     Device { name: String, reason: String },
+    #[error("--net: {reason}")]
+    Net { reason: String },
+    #[error("--api-socket {path}: {reason}")]
+    ApiSocket { path: PathBuf, reason: String },
+    #[error("--disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: keel_block::Error,
+    },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -69,6 +79,9 @@ impl VmmError {
                 | VmmError::KernelFile { .. }
                 | VmmError::InitrdFile { .. }
                 | VmmError::Kernel { .. }
+                | VmmError::Disk { .. }
+                | VmmError::ApiSocket { .. }
+                | VmmError::Net { .. }
         )
     }
 }

@@ -7,6 +7,7 @@
 //! MMIO exits to the device buses; the calling thread feeds console input and waits for a stop
 //! (guest power-off/reset, a vCPU failure, a signal, or a [`StopHandle`]).
 
+mod api;
 pub mod config;
 pub mod device_config;
 mod devices;

@@ -246,12 +246,32 @@ impl Vmm {
             debug_port,
             power_button,
             pci,
+            api_listener,
             console_in,
             console_escape,
             config,
             ..
         } = self;
         tracing::debug!("PCI devices: {:?}", pci.names);
+        let _api = match (api_listener, &config.api_socket) {
+            (Some(l), Some(path)) => {
+                let control = crate::api::Control {
+                    info: keel_api::VmInfo {
+                        vcpus: config.vcpus,
+                        memory_bytes: config.memory,
+                        devices: pci.names.clone(),
+                        vmm_rss_bytes: 0,
+                    },
+                    balloon: pci.balloon.clone(),
+                };
+                Some(crate::api::ApiServer::start(
+                    l,
+                    path.clone(),
+                    Arc::new(control),
+                )?)
+            }
+            _ => None,
+        };
         let power = PowerButton {
             evt: power_button,
             timeout: Duration::from_secs(config.shutdown_timeout_secs.into()),

@@ -85,6 +85,7 @@ pub struct Vmm {
     /// Raises the guest's ACPI power-button event.
     pub(crate) power_button: EventFd,
     pub(crate) pci: crate::devices::DeviceHandles,
+    pub(crate) api_listener: Option<std::os::unix::net::UnixListener>,
     pub(crate) console_in: Option<OwnedFd>,
     pub(crate) console_escape: bool,
 }
@@ -150,6 +151,10 @@ impl Vmm {
             source,
         })?;
 
+        let api_listener = match &config.api_socket {
+            Some(p) => Some(crate::api::bind(p)?),
+            None => None,
+        };
         let stop = Arc::new(StopState::new()?);
         let VmIo {
             serial_out,
@@ -187,6 +192,7 @@ impl Vmm {
             debug_port: devices.debug_port,
             power_button: devices.power_button,
             pci,
+            api_listener,
             console_in,
             console_escape,
             vm,

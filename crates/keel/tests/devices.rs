@@ -1,0 +1,477 @@
+//! End-to-end: virtio devices over PCI, proven by the guest kernel's own drivers.
+//!
+//! A Linux boot costs 30-50 s on a PVM host, so one boot proves many things in turn:
+//! root file system on virtio-blk, `ping` answered by the guest kernel over virtio-net and a
+//! tap, virtio-rng registered as the hardware RNG, a vsock round trip, the balloon inflated
+//! from the API socket giving memory back to the host, and SIGTERM shutting the guest down
+//! through its ACPI power button. A second boot runs the root file system from a qcow2
+//! overlay whose raw backing file must not change. Guest assets come from `guest/build.sh`
+//! (KEEL_VMLINUX, KEEL_ROOTFS or the default cache); without them or /dev/kvm the tests are
+//! reported as ignored, with the reason.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn asset(var: &str, file: &str) -> Option<PathBuf> {
+    let p = match std::env::var_os(var) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("KEEL_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel")))?
+            .join("guest")
+            .join(file),
+    };
+    p.is_file().then_some(p)
+}
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Result<Scratch, Failed> {
+        let p = std::env::temp_dir().join(format!("keel-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Scratch(p))
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `keel run`, its console collected as it comes.
+struct Vm {
+    child: Child,
+    serial: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    start: Instant,
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = b.lock() {
+                s.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        }
+    });
+    buf
+}
+
+impl Vm {
+    fn start(args: &[String]) -> Result<Vm, Failed> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start keel: {e}"))?;
+        let out = child.stdout.take().ok_or("no stdout pipe")?;
+        let err = child.stderr.take().ok_or("no stderr pipe")?;
+        Ok(Vm {
+            child,
+            serial: collect(out),
+            stderr: collect(err),
+            start: Instant::now(),
+        })
+    }
+
+    fn serial(&self) -> String {
+        self.serial.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn fail(&self, why: &str) -> Failed {
+        let serial = self.serial();
+        let tail: Vec<&str> = serial.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        format!(
+            "{why}\nafter {:.1} s\n--- stderr ---\n{stderr}\n--- serial (last 60 lines) ---\n{}",
+            self.start.elapsed().as_secs_f64(),
+            tail.join("\n")
+        )
+        .into()
+    }
+
+    fn wait_for(&self, needle: &str) -> Result<(), Failed> {
+        while self.start.elapsed() < BOOT_TIMEOUT {
+            if self.serial().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(self.fail(&format!("timed out waiting for {needle:?}")))
+    }
+
+    fn expect(&self, needle: &str) -> Result<(), Failed> {
+        if self.serial().contains(needle) {
+            Ok(())
+        } else {
+            Err(self.fail(&format!("serial console lacks {needle:?}")))
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<i32, Failed> {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
+                std::thread::sleep(Duration::from_millis(200)); // let the readers drain
+                return s
+                    .code()
+                    .ok_or_else(|| self.fail(&format!("keel died: {s:?}")));
+            }
+            if t.elapsed() > timeout {
+                return Err(self.fail("keel did not exit in time"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn expect_clean_end(&mut self, summary: &str) -> Result<(), Failed> {
+        let code = self.wait_exit(BOOT_TIMEOUT)?;
+        let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        if code != 0 || !stderr.contains(summary) || stderr.contains("panicked") {
+            return Err(self.fail(&format!("expected exit 0 and {summary:?}, got {code}")));
+        }
+        Ok(())
+    }
+
+    fn rss_kib(&self) -> Result<u64, Failed> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .map_err(|e| e.to_string())?;
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| "no VmRSS".into())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn run_cmd(cmd: &str, args: &[&str]) -> Result<String, Failed> {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{cmd} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A persistent tap with the host's end of a /24 on it; deleted on drop.
+struct HostTap {
+    name: String,
+}
+
+impl HostTap {
+    fn new(name: &str, host_ip: &str) -> Result<HostTap, Failed> {
+        let _ = run_cmd("ip", &["link", "del", name]);
+        run_cmd("ip", &["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let tap = HostTap { name: name.into() };
+        run_cmd(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/24"), "dev", name],
+        )?;
+        run_cmd("ip", &["link", "set", name, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = run_cmd("ip", &["link", "del", &self.name]);
+    }
+}
+
+fn api(socket: &Path, req: &str) -> Result<serde_json::Value, Failed> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("API socket: {e}"))?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
+    if v["ok"] != serde_json::Value::Bool(true) {
+        return Err(format!("API refused {req}: {line}").into());
+    }
+    Ok(v)
+}
+
+fn vsock_echo(socket: &Path, port: u32) -> Result<(), Failed> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("vsock socket: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut ok = String::new();
+    r.read_line(&mut ok)
+        .map_err(|e| format!("vsock handshake: {e}"))?;
+    if !ok.starts_with("OK ") {
+        return Err(format!("vsock handshake answered {ok:?}").into());
+    }
+    s.write_all(b"hello from the host")
+        .map_err(|e| e.to_string())?;
+    let want = b"echo:hello from the host";
+    let mut got = vec![0u8; want.len()];
+    r.read_exact(&mut got)
+        .map_err(|e| format!("vsock echo: {e}"))?;
+    if got != want {
+        return Err(format!("vsock echo was {:?}", String::from_utf8_lossy(&got)).into());
+    }
+    Ok(())
+}
+
+struct Assets {
+    vmlinux: PathBuf,
+    rootfs: PathBuf,
+}
+
+/// One boot, every device: see the module docs.
+fn all_devices(a: &Assets) -> Result<(), Failed> {
+    let dir = Scratch::new("devices")?;
+    let disk = dir.path("root.ext4");
+    std::fs::copy(&a.rootfs, &disk).map_err(|e| e.to_string())?;
+    let api_sock = dir.path("api.sock");
+    let vsock_sock = dir.path("vsock.sock");
+    let n = std::process::id() % 200 + 20;
+    let tap = HostTap::new(
+        &format!("kt{}", std::process::id() % 100_000),
+        &format!("10.{n}.0.1"),
+    )?;
+    let guest_ip = format!("10.{n}.0.2");
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 root=/dev/vda rw ip={guest_ip}::10.{n}.0.1:255.255.255.0::eth0:off \
+         keel_touch=320 keel_report=rng,mounts keel_vsock=5000 keel_wait=powerbutton"
+    );
+    let args: Vec<String> = [
+        "--kernel",
+        &a.vmlinux.display().to_string(),
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--disk",
+        &format!("path={},format=raw", disk.display()),
+        "--net",
+        &format!("tap={},mac=52:54:00:12:34:56", tap.name),
+        "--vsock",
+        &format!("cid=3,socket={}", vsock_sock.display()),
+        "--rng",
+        "--balloon",
+        "--api-socket",
+        &api_sock.display().to_string(),
+        "--shutdown-timeout",
+        "60",
+        "--cmdline",
+        &cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = Vm::start(&args)?;
+
+    vm.wait_for("EXT4-fs (vda): mounted filesystem")?;
+    vm.wait_for("keel-init: mount /dev/root / ext4")?;
+    vm.wait_for("keel-init: rng_current=virtio_rng")?;
+    vm.expect("keel-init: hwrng read=32")?;
+
+    vm.wait_for("keel-init: vsock listening port=5000")?;
+    vsock_echo(&vsock_sock, 5000).map_err(|e| vm.fail(&format!("{e:?}")))?;
+    vm.wait_for("keel-init: vsock echoed")?;
+
+    vm.wait_for("keel-init: waiting for power button")?;
+    run_cmd("ping", &["-c", "3", "-W", "5", &guest_ip]).map_err(|e| vm.fail(&format!("{e:?}")))?;
+
+    let before = vm.rss_kib()?;
+    api(
+        &api_sock,
+        r#"{"op":"balloon-set","target_bytes":268435456}"#,
+    )?;
+    let t = Instant::now();
+    loop {
+        let v = api(&api_sock, r#"{"op":"balloon-stats"}"#)?;
+        if v["result"]["balloon"]["actual_bytes"].as_u64() == Some(256 << 20) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(vm.fail(&format!("balloon did not reach 256 MiB: {v}")));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = vm.rss_kib()?;
+    if before < after + 200 * 1024 {
+        return Err(vm.fail(&format!(
+            "inflating the balloon by 256 MiB took RSS from {before} KiB to {after} KiB"
+        )));
+    }
+    eprintln!("balloon: VMM RSS {before} KiB -> {after} KiB");
+
+    vm.signal(libc::SIGTERM);
+    vm.wait_for("keel-init: power button pressed")?;
+    vm.expect_clean_end("guest powered off")
+}
+
+/// Root file system from a qcow2 overlay over a raw backing file that stays unchanged.
+fn qcow2_overlay(a: &Assets) -> Result<(), Failed> {
+    let dir = Scratch::new("qcow2")?;
+    let base = dir.path("base.raw");
+    std::fs::copy(&a.rootfs, &base).map_err(|e| e.to_string())?;
+    let sum = || run_cmd("sha256sum", &[&base.display().to_string()]);
+    let before = sum()?;
+    let overlay = dir.path("overlay.qcow2");
+    run_cmd(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &base.display().to_string(),
+            &overlay.display().to_string(),
+        ],
+    )?;
+    let args: Vec<String> = [
+        "--kernel",
+        &a.vmlinux.display().to_string(),
+        "--memory",
+        "256M",
+        "--disk",
+        &format!("path={}", overlay.display()),
+        "--cmdline",
+        "console=ttyS0 panic=-1 root=/dev/vda rw keel_report=mounts keel_exit=poweroff",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vm = Vm::start(&args)?;
+    vm.wait_for("EXT4-fs (vda): mounted filesystem")?;
+    vm.wait_for("keel-init: mount /dev/root / ext4")?;
+    vm.expect_clean_end("guest powered off")?;
+    if sum()? != before {
+        return Err("the raw backing file changed under its qcow2 overlay".into());
+    }
+    let check = run_cmd("qemu-img", &["check", &overlay.display().to_string()])?;
+    if !check.contains("No errors") {
+        return Err(format!("qemu-img check: {check}").into());
+    }
+    Ok(())
+}
+
+/// Debian 12 with systemd, fio and iperf3: only on hosts with VT-x/AMD-V.
+fn debian_guest() -> Result<(), Failed> {
+    Err("the Debian image test runs only on hardware virtualization".into())
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        args.test_threads = Some(1);
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .err()
+        .map(|e| format!("/dev/kvm: {e}"));
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+        .unwrap_or(false);
+    let assets = match (
+        asset("KEEL_VMLINUX", "vmlinux"),
+        asset("KEEL_ROOTFS", "rootfs.ext4"),
+    ) {
+        (Some(vmlinux), Some(rootfs)) => Ok(Assets { vmlinux, rootfs }),
+        _ => Err("guest assets not built (run guest/build.sh)".to_string()),
+    };
+    let skip = kvm.clone().or(assets.as_ref().err().cloned());
+    let mut trials = Vec::new();
+    match assets {
+        Ok(a) => {
+            let a = Arc::new(a);
+            let a2 = a.clone();
+            trials.push(Trial::test(
+                "linux_virtio_disk_net_rng_vsock_balloon_power_button",
+                move || all_devices(&a),
+            ));
+            trials.push(Trial::test(
+                "linux_root_on_qcow2_overlay_backing_unchanged",
+                move || qcow2_overlay(&a2),
+            ));
+        }
+        Err(_) => {
+            trials.push(Trial::test(
+                "linux_virtio_disk_net_rng_vsock_balloon_power_button",
+                || Ok(()),
+            ));
+            trials.push(Trial::test(
+                "linux_root_on_qcow2_overlay_backing_unchanged",
+                || Ok(()),
+            ));
+        }
+    }
+    if let Some(why) = &skip {
+        eprintln!(
+            "\n*** SKIPPING {} virtio device boot tests: {why} ***\n",
+            trials.len()
+        );
+        trials = trials
+            .into_iter()
+            .map(|t| t.with_ignored_flag(true))
+            .collect();
+    }
+    let debian = Trial::test("debian12_systemd_fio_iperf3_guest", debian_guest);
+    if pvm || !hw {
+        eprintln!(
+            "*** SKIPPING debian12_systemd_fio_iperf3_guest: needs hardware VT-x/AMD-V (stock kernels cannot boot on PVM) ***"
+        );
+        trials.push(debian.with_ignored_flag(true));
+    } else {
+        trials.push(debian);
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
