@@ -27,7 +27,8 @@ typedef unsigned long long u64;
 #define AP_BASE 0x8000
 #define AP_COUNT (AP_BASE + 0x100)
 #define AP_SEEN (AP_BASE + 0x110)
-#define UNBACKED_MMIO 0xd0000000ULL
+/* Between the PCI ECAM window and the IOAPIC: nothing decodes it. */
+#define UNBACKED_MMIO 0xf0000000ULL
 #define ROM_BASE 0xe0000ULL
 #define TIMER_VECTOR 0x40
 
@@ -308,9 +309,17 @@ static void test_io(struct boot *b) {
     check(inw(0x1234) == 0xffff, "unhandled inw is not 0xffff");
     check(inl(0x1234) == 0xffffffff, "unhandled inl is not all-ones");
     outb(0x1234, 0x55); outw(0x1236, 0x5555); outl(0x1238, 0x55555555);
-    /* PCI config mechanism #1 is absent until PCI exists: reads all-ones. */
+    /* PCI config mechanism #1: the host bridge at 00.0, nothing at 00:1f.0 (all-ones),
+       nothing on bus 1, and a disabled address register reads all-ones too. */
     outl(0xcf8, 0x80000000);
-    check(inl(0xcfc) == 0xffffffff, "PCI config space answered");
+    check(inl(0xcfc) == 0x00081b36, "no host bridge at PCI 00:00.0");
+    check(inl(0xcf8) == 0x80000000, "PCI address register did not hold its value");
+    outl(0xcf8, 0x80000000 | (31 << 11));
+    check(inl(0xcfc) == 0xffffffff, "an empty PCI slot answered");
+    outl(0xcf8, 0x80010000);
+    check(inl(0xcfc) == 0xffffffff, "PCI bus 1 answered");
+    outl(0xcf8, 0x00000000);
+    check(inl(0xcfc) == 0xffffffff, "PCI data port answered with the address disabled");
     /* The UART scratch register holds what is written. */
     outb(COM1 + 7, 0xa5);
     check(inb(COM1 + 7) == 0xa5, "UART scratch register lost its value");

@@ -269,7 +269,7 @@ fn trials() -> Vec<Trial> {
                     if !error.contains("internal error") && !error.contains("emulation") {
                         return Err(format!("unexpected error text: {error}").into());
                     }
-                    if !state.contains("rip=0x00000000d0000000") || !state.contains("code at rip") {
+                    if !state.contains("rip=0x00000000f0000000") || !state.contains("code at rip") {
                         return Err(format!("registers/code missing: {state}").into());
                     }
                 }
