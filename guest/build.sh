@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Build Keel's guest assets (test kernel, initramfs images, stock kernel).
+# Build Keel's guest assets (test kernel, initramfs images, ext4 root image,
+# stock kernel, and on request a Debian disk image).
 #
-#   guest/build.sh [all|kernel|initramfs|stock]...   (several may be given)
+#   guest/build.sh [all|kernel|initramfs|rootfs|stock|debian]...   (several may be given)
 #   guest/build.sh paths|cmdline|help
 #
-#   all        (default) kernel + initramfs + stock, then print the paths
+#   all        (default) kernel + initramfs + rootfs + stock, then print the paths
 #   kernel     the Keel test kernel: vmlinux (ELF, PVH note) and bzImage
 #   initramfs  initramfs-tiny.cpio.gz and initramfs-busybox.cpio.gz
+#   rootfs     rootfs.ext4: ext4 root for root=/dev/vda, tiny init as /sbin/init
 #   stock      Debian's stock cloud kernel (for hosts with real VT-x/AMD-V)
+#   debian     debian-12.raw + its kernel/initrd/ssh key: a Debian 12 system for
+#              hosts with real VT-x/AMD-V (debootstrap; slow, never run by `all`)
 #   paths      print KEY=path lines (source them: eval "$(guest/build.sh paths)")
 #   cmdline    print the kernel parameters a guest needs on PVM
 #
@@ -23,7 +27,8 @@
 #
 # Environment: KEEL_CACHE_DIR (cache root), KEEL_JOBS (make -j, default
 # nproc), KEEL_KEEP_BUILD=1 (keep the kernel build tree for manual
-# incremental builds), KEEL_SKIP_STOCK=1 (`all` skips the stock kernel).
+# incremental builds), KEEL_SKIP_STOCK=1 (`all` skips the stock kernel),
+# KEEL_DEBIAN_MIRROR (`debian`: the mirror; default: this machine's apt one).
 set -Eeuo pipefail
 trap 'echo "[guest] ERROR: command failed (exit $?) at build.sh line $LINENO: $BASH_COMMAND" >&2' ERR
 
@@ -399,6 +404,73 @@ build_initramfs() {
 	build_busybox_initramfs
 }
 
+# ------------------------------------------------------------------ rootfs --
+# An ext4 root file system for virtio-blk tests: `root=/dev/vda` boots the
+# tiny init as /sbin/init (the kernel's default) with no initramfs, so the
+# kernel log and `keel_report=mounts` prove the disk path end to end.
+# Built without mounting (mke2fs -d) and reproducibly: fixed UUID and
+# directory hash seed, owner 0:0, every time stamp 1 (E2FSPROGS_FAKE_TIME for
+# what mke2fs sets, debugfs for the inode ctimes it copies from the staging
+# tree).  Inode tables and journal are zeroed by mke2fs
+# (lazy_*_init=0): otherwise a read-write mount starts ext4lazyinit, more
+# emulated kernel work on PVM.
+ROOTFS_SIZE=64M
+ROOTFS_UUID=6b65656c-0000-4000-8000-726f6f746673 # "keel", "rootfs" in hex
+ROOTFS_MARKER="keel-rootfs: ext4 root image of Keel's guest/build.sh"
+ROOTFS_APPLETS=(sh cat dmesg echo grep halt ls mkdir mount nproc poweroff reboot sync umount)
+
+build_rootfs() {
+	ensure_pkgs gcc binutils e2fsprogs
+	fetch_busybox
+	local bb=$OUT/downloads/busybox-i386 key
+	key=$({
+		cat "$bb.version"
+		cat "$GUEST_DIR/init/init.c"
+		gcc --version | head -n1
+		mke2fs -V 2>&1 | head -n1
+		declare -p INIT_CFLAGS ROOTFS_SIZE ROOTFS_UUID ROOTFS_MARKER ROOTFS_APPLETS
+		declare -f build_rootfs
+	} | sha)
+	if [[ -f $OUT/rootfs.ext4 && -f $OUT/rootfs.key && $(<"$OUT/rootfs.key") == "$key" ]]; then
+		log "rootfs up to date ($key)"
+		return 0
+	fi
+	log "building rootfs.ext4 ($ROOTFS_SIZE, busybox $(<"$bb.version"), tiny init as /sbin/init)"
+	local tmp root a
+	tmp=$(mktemp -d)
+	root=$tmp/root
+	mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root}
+	chmod 0755 "$root" "$root"/{bin,sbin,dev,proc,sys,etc}
+	chmod 1777 "$root/tmp"
+	chmod 0700 "$root/root"
+	gcc "${INIT_CFLAGS[@]}" -o "$root/sbin/init" "$GUEST_DIR/init/init.c"
+	install -m 0755 "$bb" "$root/bin/busybox"
+	for a in "${ROOTFS_APPLETS[@]}"; do
+		ln -s busybox "$root/bin/$a"
+	done
+	echo "$ROOTFS_MARKER" >"$root/etc/keel-rootfs"
+	chmod 0644 "$root/etc/keel-rootfs"
+	find "$root" -exec touch -h -d @1 {} +
+
+	truncate -s "$ROOTFS_SIZE" "$tmp/rootfs.ext4"
+	E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -b 4096 -L keel-root -U "$ROOTFS_UUID" \
+		-E "root_owner=0:0,hash_seed=$ROOTFS_UUID,lazy_itable_init=0,lazy_journal_init=0" \
+		-d "$root" "$tmp/rootfs.ext4"
+	# Owner 0:0 and ctime 1 for every inode (mke2fs -d copies both from stat).
+	(cd "$root" && find . -mindepth 1 | sed 's|^\.||' |
+		while IFS= read -r a; do
+			printf 'set_inode_field %s uid 0\nset_inode_field %s gid 0\n' "$a" "$a"
+			printf 'set_inode_field %s ctime @1\n' "$a"
+		done) | E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$tmp/rootfs.ext4" >/dev/null 2>"$tmp/debugfs.err"
+	# debugfs exits 0 when a command fails; its errors are on stderr.
+	! grep -v '^debugfs [0-9]' "$tmp/debugfs.err" >&2 || die "debugfs failed on rootfs.ext4"
+	e2fsck -fn "$tmp/rootfs.ext4" >"$tmp/fsck.log" 2>&1 ||
+		die "e2fsck finds rootfs.ext4 broken: $(tail -n 5 "$tmp/fsck.log")"
+	install_file "$tmp/rootfs.ext4" "$OUT/rootfs.ext4"
+	rm -rf "$tmp"
+	echo "$key" >"$OUT/rootfs.key"
+}
+
 # ------------------------------------------------------------------- stock --
 # Debian's stock linux-image-cloud-amd64 kernel, for hosts with real
 # VT-x/AMD-V (it cannot boot on PVM).  Downloaded once; delete
@@ -436,13 +508,183 @@ fetch_stock() {
 	rm -rf "$tmp"
 }
 
+# ------------------------------------------------------------------ debian --
+# A Debian 12 (bookworm) system disk for hosts with real VT-x/AMD-V, where
+# stock kernels and systemd boot: fio, iperf3 and sshd run on it for
+# real-speed device tests.  Useless on PVM (the stock kernel cannot boot
+# there), so `all` never builds it.  Output:
+#   debian-12.raw      sparse 4 GiB raw disk, ext4 on the whole device
+#                      (no partition table): boot with root=/dev/vda
+#   debian-12.vmlinuz  + debian-12.initrd: the linux-image-cloud-amd64 kernel
+#                      and initramfs installed in it, for --kernel/--initrd
+#   debian-12.ssh-key  private key whose public half is root's authorized_keys
+# Kernel command line: console=ttyS0 root=/dev/vda rw (add net.ifnames=0 for
+# eth0; ip=ADDR::GW:MASK::IFACE:off for a static address).
+DEBIAN_SUITE=bookworm
+DEBIAN_SIZE=4G
+DEBIAN_HOSTNAME=keel-debian
+DEBIAN_PKGS=(systemd-sysv udev dbus kmod procps iproute2 iputils-ping
+	openssh-server fio iperf3 linux-image-cloud-amd64 initramfs-tools)
+
+# debian_mirror: KEEL_DEBIAN_MIRROR, else the first enabled "deb" source of
+# this machine's apt configuration (deb822 .sources or one-line .list) that
+# serves $DEBIAN_SUITE, else deb.debian.org.
+debian_mirror() {
+	if [[ -n ${KEEL_DEBIAN_MIRROR:-} ]]; then
+		echo "$KEEL_DEBIAN_MIRROR"
+		return 0
+	fi
+	local f m=
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[[ -f $f ]] || continue
+		m=$(awk -v suite="$DEBIAN_SUITE" 'BEGIN { RS = ""; FS = "\n" }
+			{
+				uri = ""; deb = 0; ok = 0; off = 0
+				for (i = 1; i <= NF; i++) {
+					if ($i ~ /^Types:/ && $i ~ /[ \t]deb([ \t]|$)/) deb = 1
+					if ($i ~ /^URIs:/) { split($i, a, /[ \t]+/); uri = a[2] }
+					if ($i ~ /^Suites:/ && $i ~ ("[ \t]" suite "([ \t]|$)")) ok = 1
+					if ($i ~ /^Enabled:[ \t]*no/) off = 1
+				}
+				if (deb && ok && !off && uri != "") { print uri; exit }
+			}' "$f")
+		[[ -z $m ]] || break
+	done
+	if [[ -z $m ]]; then
+		m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+			awk -v suite="$DEBIAN_SUITE" '$1 == "deb" {
+				i = 2
+				if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ } # [options]
+				if ($(i + 1) == suite) { print $i; exit }
+			}' || true)
+	fi
+	echo "${m:-http://deb.debian.org/debian}"
+}
+
+# umount_under DIR: unmount whatever debootstrap left mounted below DIR.
+umount_under() {
+	local m
+	findmnt -rn -o TARGET | awk -v d="$1/" 'index($0 "/", d) == 1' | sort -r |
+		while IFS= read -r m; do umount -l "$m" || true; done
+}
+
+# debian_configure ROOT KEY: turn a fresh debootstrap tree into a bootable
+# test system; KEY receives the private ssh key for root.  Everything is written into the tree; nothing runs in it but
+# passwd, systemctl enable/mask (offline symlinks) and ssh-keygen.
+debian_configure() {
+	local root=$1 keyfile=$2
+	echo "$DEBIAN_HOSTNAME" >"$root/etc/hostname"
+	printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$DEBIAN_HOSTNAME" >"$root/etc/hosts"
+	# Whole-disk ext4, so the disk is /dev/vda itself.
+	echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' >"$root/etc/fstab"
+	# Console access for tests: root has no password, and the serial getty
+	# (the kernel console is ttyS0) logs root in by itself.
+	chroot "$root" passwd -d root >/dev/null
+	mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
+	cat >"$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<-'EOF'
+		[Service]
+		ExecStart=
+		ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 - $TERM
+	EOF
+	# Network: DHCP on every Ethernet device, unless ip= on the kernel command
+	# line configures it (systemd-network-generator writes
+	# /run/systemd/network/90-IFACE.network, which sorts before 99-).  Without
+	# a DHCP server boot must not wait for the network: wait-online is masked.
+	cat >"$root/etc/systemd/network/99-keel-dhcp.network" <<-'EOF'
+		[Match]
+		Name=en* eth*
+
+		[Network]
+		DHCP=ipv4
+	EOF
+	chroot "$root" systemctl enable -q serial-getty@ttyS0.service systemd-networkd.service \
+		systemd-network-generator.service ssh.service
+	chroot "$root" systemctl mask -q systemd-networkd-wait-online.service
+	# ssh: a key made for this image; root logs in with it.
+	mkdir -p "$root/root/.ssh"
+	chmod 0700 "$root/root/.ssh"
+	rm -f "$root/root/keel-key" "$root/root/keel-key.pub"
+	chroot "$root" ssh-keygen -q -t ed25519 -N '' -C keel-test -f /root/keel-key
+	mv "$root/root/keel-key.pub" "$root/root/.ssh/authorized_keys"
+	chmod 0600 "$root/root/.ssh/authorized_keys"
+	mv "$root/root/keel-key" "$keyfile"
+	# A clone-friendly image: systemd makes a machine-id at first boot; no
+	# package lists or downloaded .debs.
+	: >"$root/etc/machine-id"
+	rm -f "$root/var/lib/dbus/machine-id"
+	rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+}
+
+build_debian() {
+	[[ $EUID -eq 0 ]] || die "building the Debian image needs root (debootstrap, chroot)"
+	ensure_pkgs debootstrap e2fsprogs
+	local mirror key
+	mirror=$(debian_mirror)
+	key=$({
+		echo "$mirror"
+		dpkg-query -W -f='${Version}\n' debootstrap
+		declare -p DEBIAN_SUITE DEBIAN_SIZE DEBIAN_HOSTNAME DEBIAN_PKGS
+		declare -f build_debian debian_configure
+	} | sha)
+	if [[ -f $OUT/debian-12.raw && -f $OUT/debian-12.vmlinuz && -f $OUT/debian-12.initrd &&
+		-f $OUT/debian-12.key && $(<"$OUT/debian-12.key") == "$key" ]]; then
+		log "debian-12 up to date ($key)"
+		return 0
+	fi
+	local work=$OUT/debian-build dlog=$OUT/debian-build.log
+	umount_under "$work"
+	rm -rf --one-file-system "$work" "$OUT/debian-12.key"
+	mkdir -p "$work"
+	: >"$dlog"
+	log "debootstrap $DEBIAN_SUITE from $mirror (~5-15 min; log: $dlog)"
+	local t0=$SECONDS pkgs
+	pkgs=$(
+		IFS=,
+		echo "${DEBIAN_PKGS[*]}"
+	)
+	# minbase (essential + apt) plus what the tests need; systemd-sysv
+	# makes systemd PID 1.
+	debootstrap --variant=minbase --components=main --include="$pkgs" \
+		"$DEBIAN_SUITE" "$work/root" "$mirror" >>"$dlog" 2>&1 || {
+		umount_under "$work"
+		tail -n 30 "$dlog" >&2
+		[[ -f $work/root/debootstrap/debootstrap.log ]] &&
+			tail -n 30 "$work/root/debootstrap/debootstrap.log" >&2
+		die "debootstrap failed (log: $dlog)"
+	}
+	umount_under "$work"
+	log "debootstrap done in $((SECONDS - t0)) s; configuring"
+	debian_configure "$work/root" "$work/ssh-key" >>"$dlog" 2>&1 || {
+		tail -n 20 "$dlog" >&2
+		die "configuring the Debian tree failed (log: $dlog)"
+	}
+	local k=("$work"/root/boot/vmlinuz-*) i=("$work"/root/boot/initrd.img-*)
+	[[ -f ${k[0]} && -f ${i[0]} ]] || die "no /boot/vmlinuz-* or initrd.img-* in the Debian tree"
+	log "writing debian-12.raw ($DEBIAN_SIZE sparse, ext4, $(du -sm "$work/root" | cut -f1) MiB of files)"
+	truncate -s "$DEBIAN_SIZE" "$work/disk.raw"
+	mkfs.ext4 -q -F -L keel-debian -E lazy_itable_init=0,lazy_journal_init=0 \
+		-d "$work/root" "$work/disk.raw" >>"$dlog" 2>&1 || die "mkfs.ext4 -d failed (log: $dlog)"
+	install_file "${k[0]}" "$OUT/debian-12.vmlinuz"
+	install_file "${i[0]}" "$OUT/debian-12.initrd"
+	install -m 0600 "$work/ssh-key" "$OUT/debian-12.ssh-key"
+	mv -f "$work/disk.raw" "$OUT/debian-12.raw"
+	rm -rf --one-file-system "$work"
+	echo "$key" >"$OUT/debian-12.key"
+	log "debian-12 built in $((SECONDS - t0)) s ($(basename "${k[0]}"))"
+}
+
 # ------------------------------------------------------------------- main --
 print_paths() {
 	echo "KEEL_VMLINUX=$OUT/vmlinux"
 	echo "KEEL_BZIMAGE=$OUT/bzImage"
 	echo "KEEL_INITRD_TINY=$OUT/initramfs-tiny.cpio.gz"
 	echo "KEEL_INITRD_BUSYBOX=$OUT/initramfs-busybox.cpio.gz"
+	echo "KEEL_ROOTFS=$OUT/rootfs.ext4"
 	echo "KEEL_STOCK_KERNEL=$OUT/stock/vmlinuz"
+	echo "KEEL_DEBIAN_IMAGE=$OUT/debian-12.raw"
+	echo "KEEL_DEBIAN_KERNEL=$OUT/debian-12.vmlinuz"
+	echo "KEEL_DEBIAN_INITRD=$OUT/debian-12.initrd"
+	echo "KEEL_DEBIAN_SSH_KEY=$OUT/debian-12.ssh-key"
 }
 
 main() {
@@ -464,8 +706,8 @@ main() {
 	local cmd
 	for cmd in "$@"; do
 		case $cmd in
-		all | kernel | initramfs | stock) ;;
-		*) die "unknown subcommand '$cmd' (all|kernel|initramfs|stock [...] | paths | cmdline)" ;;
+		all | kernel | initramfs | rootfs | stock | debian) ;;
+		*) die "unknown subcommand '$cmd' (all|kernel|initramfs|rootfs|stock|debian [...] | paths | cmdline)" ;;
 		esac
 	done
 	mkdir -p "$OUT"
@@ -480,6 +722,7 @@ main() {
 		all)
 			build_kernel
 			build_initramfs
+			build_rootfs
 			if [[ ${KEEL_SKIP_STOCK:-0} == 1 ]]; then
 				log "KEEL_SKIP_STOCK=1: not fetching the stock kernel"
 			else
@@ -488,7 +731,9 @@ main() {
 			;;
 		kernel) build_kernel ;;
 		initramfs) build_initramfs ;;
+		rootfs) build_rootfs ;;
 		stock) fetch_stock ;;
+		debian) build_debian ;;
 		esac
 	done
 	log "done; artefacts in $OUT:"
