@@ -12,6 +12,10 @@
  *   3. prints "keel-init: cpus=N mem_kib=M" (N: sched_getaffinity of init,
  *      M: MemTotal from /proc/meminfo);
  *   4. makes 1000 getpid() calls and checks they all return 1;
+ *   4a. keel_touch=MIB: maps MIB MiB of anonymous memory, writes every page
+ *      and unmaps it again: "keel-init: touched MIB MiB" (the guest's free
+ *      memory is then backed by host RAM, which balloon tests need to see
+ *      RSS fall when the balloon takes it back);
  *   5. keel_report=ITEM[,ITEM...], each item in the order given:
  *        rng    -> "keel-init: rng_current=<sysfs rng_current, trimmed>",
  *                  then reads 32 bytes from /dev/hwrng:
@@ -51,6 +55,8 @@
 #define SYS_ioctl 54
 #define SYS_mkdir 39
 #define SYS_reboot 88
+#define SYS_old_mmap 90
+#define SYS_munmap 91
 #define SYS_stat64 195
 #define SYS_poll 168
 #define SYS_sched_getaffinity 242
@@ -486,6 +492,47 @@ static int vsock_failed(const char *step, long r)
 	return 1;
 }
 
+/* keel_touch=MIB: fault in MIB MiB of anonymous memory, then give it back. */
+static void touch_memory(const char *mib_str)
+{
+	/* i386 old_mmap (90) takes its six arguments in a block. */
+	struct {
+		u32 addr, len, prot, flags, fd, offset;
+	} args;
+	u32 mib = 0;
+	const char *p;
+	long base;
+	u32 off;
+
+	for (p = mib_str; *p >= '0' && *p <= '9' && mib < 4096; p++)
+		mib = mib * 10 + (u32)(*p - '0');
+	if (*p || p == mib_str || mib == 0 || mib >= 4096) {
+		puts_("keel-init: bad keel_touch=");
+		puts_(mib_str);
+		puts_("\n");
+		return;
+	}
+	args.addr = 0;
+	args.len = mib << 20;
+	args.prot = 3;     /* PROT_READ | PROT_WRITE */
+	args.flags = 0x22; /* MAP_PRIVATE | MAP_ANONYMOUS */
+	args.fd = (u32)-1;
+	args.offset = 0;
+	base = sys3(SYS_old_mmap, (long)&args, 0, 0);
+	if (base < 0 && base > -4096) {
+		puts_("keel-init: touch mmap failed ");
+		puti(base);
+		puts_("\n");
+		return;
+	}
+	for (off = 0; off < args.len; off += 4096)
+		*(volatile char *)(base + off) = 1;
+	sys3(SYS_munmap, base, args.len, 0);
+	puts_("keel-init: touched ");
+	putu(mib);
+	puts_(" MiB\n");
+}
+
 /* keel_vsock=PORT: accept one connection, echo one read back with "echo:". */
 static void vsock_echo(const char *port_str)
 {
@@ -648,6 +695,9 @@ __attribute__((used, noreturn)) void keel_main(long *sp)
 		}
 	}
 
+	v = getenv_(envp, "keel_touch=");
+	if (v)
+		touch_memory(v);
 	v = getenv_(envp, "keel_report=");
 	if (v)
 		report(v);

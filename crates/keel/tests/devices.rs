@@ -313,6 +313,7 @@ fn all_devices(a: &Assets) -> Result<(), Failed> {
 
     vm.wait_for("EXT4-fs (vda): mounted filesystem")?;
     vm.wait_for("keel-init: mount /dev/root / ext4")?;
+    vm.expect("keel-init: root=/dev/vda")?;
     vm.wait_for("keel-init: rng_current=virtio_rng")?;
     vm.expect("keel-init: hwrng read=32")?;
 
@@ -390,6 +391,7 @@ fn qcow2_overlay(a: &Assets) -> Result<(), Failed> {
     let mut vm = Vm::start(&args)?;
     vm.wait_for("EXT4-fs (vda): mounted filesystem")?;
     vm.wait_for("keel-init: mount /dev/root / ext4")?;
+    vm.expect("keel-init: root=/dev/vda")?;
     vm.expect_clean_end("guest powered off")?;
     if sum()? != before {
         return Err("the raw backing file changed under its qcow2 overlay".into());
