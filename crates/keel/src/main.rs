@@ -63,6 +63,9 @@ struct RunArgs {
     /// Do not append the guest-side parameters this host's KVM needs (e.g. on PVM).
     #[arg(long)]
     no_host_quirks: bool,
+    /// Back all guest memory with host RAM before the guest starts.
+    #[arg(long)]
+    prefault: bool,
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
     /// is /dev/vda.
     #[arg(long = "disk", value_name = "path=IMG,...", value_parser = DiskConfig::parse)]
@@ -143,6 +146,7 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus: args.cpus,
         memory: args.memory,
         host_quirks: !args.no_host_quirks,
+        prefault: args.prefault,
         disks: args.disks,
         nets: args.nets,
         vsock: args.vsock,

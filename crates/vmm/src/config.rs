@@ -15,6 +15,9 @@ pub struct VmConfig {
     pub memory: u64,
     /// Append the guest-side parameters this host's KVM needs (PVM) to the command line.
     pub host_quirks: bool,
+    /// Back all guest RAM with host memory before the guest starts (no page faults later;
+    /// the whole size counts against the host at once).
+    pub prefault: bool,
     /// Virtio block devices, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
     /// Virtio network devices.
@@ -48,6 +51,7 @@ impl VmConfig {
             vcpus: DEFAULT_VCPUS,
             memory: DEFAULT_MEMORY,
             host_quirks: true,
+            prefault: false,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
