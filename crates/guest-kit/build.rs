@@ -24,6 +24,13 @@ const CFLAGS: &[&str] = &[
     "-Werror",
 ];
 
+/// The kit's sources and their objects, in link order.
+const OBJECTS: &[(&str, &str)] = &[
+    ("entry.S", "entry.o"),
+    ("kit.c", "kit.o"),
+    ("virtio.c", "virtio.o"),
+];
+
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
     match cmd.status() {
@@ -38,12 +45,14 @@ fn main() {
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let src = manifest.join("../../guest/kit");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for f in ["entry.S", "kit.c", "kit.ld"] {
+    for f in [
+        "entry.S", "kit.c", "kit.h", "kit.ld", "virtio.c", "virtio.h",
+    ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }
     let cc = std::env::var("KEEL_KIT_CC").unwrap_or_else(|_| "gcc".into());
     let obj = |name: &str| out.join(name);
-    for (source, object) in [("entry.S", "entry.o"), ("kit.c", "kit.o")] {
+    for (source, object) in OBJECTS {
         run(Command::new(&cc)
             .args(CFLAGS)
             .arg("-c")
@@ -75,8 +84,7 @@ fn main() {
             .arg(ld)
             .arg("-o")
             .arg(out.join(elf))
-            .arg(obj("entry.o"))
-            .arg(obj("kit.o")));
+            .args(OBJECTS.iter().map(|(_, o)| obj(o))));
     };
     link(&src.join("kit.ld"), "kit-pvh.elf");
     link(&out.join("kit-64.ld"), "kit-64.elf");

@@ -103,6 +103,51 @@ timer_isr:
     pop %rax
     iretq
 
+    /* One 16-byte stub per vector: exceptions without an error code and interrupts push a
+       dummy one, then every stub pushes its vector and joins isr_common, which calls
+       kit_isr(vector, &error_code) with the C caller-saved registers preserved. */
+    .globl isr_stubs
+    .align 16
+isr_stubs:
+    .set vec, 0
+    .rept 256
+0:
+    .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp isr_common
+    .org 0b + 16                  /* fails to assemble if a stub outgrows its slot */
+    .set vec, vec + 1
+    .endr
+
+isr_common:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    mov 72(%rsp), %rdi            /* the vector */
+    lea 80(%rsp), %rsi            /* error code, then the CPU's frame */
+    cld
+    call kit_isr
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    add $16, %rsp                 /* vector and error code */
+    iretq
+
     /* Real-mode AP code, copied to AP_BASE; entered with CS = AP_BASE >> 4, IP = 0. */
     .code16
     .globl ap_trampoline, ap_trampoline_end

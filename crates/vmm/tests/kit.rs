@@ -1,7 +1,10 @@
 //! End-to-end tests on the guest test kit: tiny guests that boot through Keel's real loader
 //! paths and exercise exits, devices, interrupts, ACPI, SMP and every way a VM ends.
 //! Each runs in milliseconds. Without a usable /dev/kvm every test is reported as ignored
-//! (skipped), loudly, never passed.
+//! (skipped), loudly, never passed. The PCI and virtio tests live in `kit/virtio.rs`.
+
+#[path = "kit/virtio.rs"]
+mod virtio;
 
 use keel_guest_kit::{failures, passed, KitImage};
 use keel_vmm::{ExitReason, Outcome, VmConfig, VmIo, Vmm};
@@ -291,6 +294,7 @@ fn trials() -> Vec<Trial> {
             Ok(())
         },
     ));
+    t.extend(virtio::trials());
     t.push(Trial::test("stop_handle_ends_a_busy_guest", || {
         // The console test waits for input that never comes; stop it from outside.
         let (rd, _wr) = std::io::pipe().map_err(|e| e.to_string())?;
@@ -329,6 +333,9 @@ fn kvm_unavailable() -> Option<String> {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(virtio::CHILD_ENV) {
+        virtio::child_main(&spec);
+    }
     let args = Arguments::from_args();
     let mut trials = trials();
     if let Some(why) = kvm_unavailable() {

@@ -1,0 +1,19 @@
+/*
+ * The kit's virtio-pci tests (virtio.c): a minimal driver for Keel's virtio 1.x PCI transport,
+ * used both the way a driver should and the way a hostile guest would.
+ */
+#ifndef KIT_VIRTIO_H
+#define KIT_VIRTIO_H
+
+struct boot;
+
+/* test=pci-enum: bus 0 through ECAM and 0xCF8/0xCFC, BAR sizing, capability lists. */
+void test_pci_enum(struct boot *b);
+/* test=virtio-rng: bring-up with MSI-X, one request, an interrupt, random bytes. */
+void test_virtio_rng(struct boot *b);
+/* test=virtio-blk: read, write, flush, GET_ID, out-of-range and unknown requests. */
+void test_virtio_blk(struct boot *b);
+/* test=virtio-hostile: garbage registers, bad descriptors and rings, MSI-X abuse. */
+void test_virtio_hostile(struct boot *b);
+
+#endif
