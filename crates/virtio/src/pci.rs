@@ -114,6 +114,8 @@ pub struct VirtioPciDevice {
     max_sizes: Vec<u16>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
+    /// Ring addresses (descriptor, driver, device) as the driver wrote them, per queue.
+    ring_addrs: Vec<[u64; 3]>,
     bar_addr: Option<u64>,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -229,6 +231,7 @@ impl VirtioPciDevice {
             mem,
             ioevents,
             max_sizes,
+            ring_addrs: vec![[0; 3]; queues.len()],
             queues,
             queue_events,
             bar_addr: None,
@@ -335,15 +338,6 @@ impl VirtioPciDevice {
             }
             (0x14, 1) => self.write_status(v as u8),
             (0x16, 2) => self.queue_select = v as u16,
-            _ if live => {} // queue configuration is frozen while the device runs
-            (0x18, 2) => {
-                if let Some(q) = self.selected() {
-                    if !q.ready() {
-                        // Queue::set_size ignores sizes that are not a power of two up to max.
-                        q.set_size(v as u16);
-                    }
-                }
-            }
             (0x1a, 2) => {
                 let vector = self.valid_vector(v as u16);
                 if let Some(slot) = self
@@ -352,6 +346,16 @@ impl VirtioPciDevice {
                     .get(usize::from(self.queue_select))
                 {
                     slot.store(vector, Ordering::SeqCst);
+                }
+            }
+            // The rest of the queue configuration is frozen while the device runs.
+            _ if live => {}
+            (0x18, 2) => {
+                if let Some(q) = self.selected() {
+                    if !q.ready() {
+                        // Queue::set_size ignores sizes that are not a power of two up to max.
+                        q.set_size(v as u16);
+                    }
                 }
             }
             (0x1c, 2) if v == 1 => {
@@ -378,6 +382,25 @@ impl VirtioPciDevice {
             (0, 4) => (Some(v as u32), None),
             (4, 4) => (None, Some(v as u32)),
             _ => return,
+        };
+        // Remember what the driver asked for: virtio-queue keeps the old value when an address
+        // is misaligned, and activation must not run a queue on rings the driver never meant.
+        let field = ((offset & !7) - 0x20) as usize / 8;
+        let q_index = usize::from(self.queue_select);
+        if let Some(slot) = self
+            .ring_addrs
+            .get_mut(q_index)
+            .and_then(|r| r.get_mut(field))
+        {
+            if let Some(lo) = lo {
+                *slot = (*slot & !0xffff_ffff) | u64::from(lo);
+            }
+            if let Some(hi) = hi {
+                *slot = (*slot & 0xffff_ffff) | u64::from(hi) << 32;
+            }
+        }
+        let Some(q) = self.selected() else {
+            return;
         };
         match offset & !7 {
             0x20 => q.set_desc_table_address(lo, hi),
@@ -434,6 +457,14 @@ impl VirtioPciDevice {
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(PciInterrupt(self.signals.clone()));
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
+            let asked = self.ring_addrs.get(i).copied().unwrap_or_default();
+            if q.ready() && asked != [q.desc_table(), q.avail_ring(), q.used_ring()] {
+                interrupt.device_broken(&format!(
+                    "{}: queue {i} ring addresses {asked:x?} are misaligned",
+                    self.device.name()
+                ));
+                return;
+            }
             if q.ready() && !q.is_valid(&self.mem) {
                 interrupt.device_broken(&format!(
                     "{}: queue {i} has rings outside guest memory or misaligned",
@@ -505,6 +536,7 @@ impl VirtioPciDevice {
         for v in &self.signals.queue_vectors {
             v.store(NO_VECTOR, Ordering::SeqCst);
         }
+        self.ring_addrs.fill([0; 3]);
         for e in &self.queue_events {
             let _ = e.read();
         }

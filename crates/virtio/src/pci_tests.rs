@@ -400,3 +400,44 @@ fn garbage_register_writes_never_panic() {
         }
     }
 }
+
+#[test]
+fn misaligned_rings_are_refused_at_driver_ok() {
+    let mut d = Driver::new();
+    d.enable_msix();
+    d.w(0x14, 3, 1);
+    d.w(0x08, 1, 4);
+    d.w(0x0c, 1, 4);
+    d.w(0x14, 3 | u64::from(status::FEATURES_OK), 1);
+    d.w(0x16, 0, 2);
+    d.w(0x20, DESC + 8, 8); // the descriptor table must be 16-byte aligned
+    d.w(0x28, AVAIL, 8);
+    d.w(0x30, USED, 8);
+    d.w(0x1c, 1, 2);
+    d.w(
+        0x14,
+        u64::from(3 | status::FEATURES_OK | status::DRIVER_OK),
+        1,
+    );
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn queue_vectors_can_be_remapped_while_running() {
+    let mut d = Driver::new();
+    d.enable_msix();
+    d.start();
+    d.w(0x16, 0, 2);
+    d.w(0x1a, 0, 2);
+    assert_eq!(d.r(0x1a, 2), 0);
+    d.w(0x1a, 99, 2);
+    assert_eq!(
+        d.r(0x1a, 2),
+        u64::from(NO_VECTOR),
+        "out-of-table vectors read NO_VECTOR"
+    );
+    d.w(0x1a, 0, 2);
+    d.desc(0, BUF, 8, WRITE, 0);
+    d.publish(0);
+    d.wait("the interrupt on the remapped vector", |d| d.msi.fired(0));
+}
