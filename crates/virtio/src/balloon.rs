@@ -55,9 +55,10 @@ const MAX_STATS_BYTES: usize = 64 * STAT_LEN;
 const STAT_LEN: usize = 10;
 const FLOOR_MAX: u64 = 256 << 20;
 
-/// Memory the guest always keeps whatever the target: half its RAM, at most 256 MiB.
+/// Memory the guest always keeps whatever the target: a quarter of its RAM, at most 256 MiB
+/// (the driver may also deflate on OOM when the device offers it).
 pub fn floor_bytes(ram: u64) -> u64 {
-    (ram / 2).min(FLOOR_MAX)
+    (ram / 4).min(FLOOR_MAX)
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -116,20 +116,20 @@ fn target_config_and_actual() {
     assert_eq!(h.request_stats(), Err(BalloonError::NotActive));
     dev.set_guest_ram(64 * MIB);
     let too_big = BalloonError::TargetTooLarge {
-        target: 33 * MIB,
-        max: 32 * MIB,
+        target: 49 * MIB,
+        max: 48 * MIB,
     };
-    assert_eq!(h.set_target(33 * MIB), Err(too_big));
+    assert_eq!(h.set_target(49 * MIB), Err(too_big));
     // Activation (64 MiB) clamps the recorded 100 MiB to RAM minus the floor.
     let mut r = rig((dev, h), memory(64 << 20), 0);
-    assert_eq!(r.h.target(), 32 * MIB);
+    assert_eq!(r.h.target(), 48 * MIB);
     // Active: the config follows the target and the driver is told.
     r.h.set_target(16 * MIB + 4095).unwrap();
     assert_eq!(
         (r.config(), r.h.target(), r.ints()),
         ((4096, 0), 16 * MIB, (0, 1, false))
     );
-    assert!(r.h.set_target(32 * MIB + 4096).is_err());
+    assert!(r.h.set_target(48 * MIB + 4096).is_err());
     assert_eq!(r.ints().1, 1);
     // The driver writes `actual`, whole or by bytes; writes to `num_pages` are ignored.
     r.dev.write_config(4, &3000u32.to_le_bytes());
@@ -242,9 +242,9 @@ fn holes_and_read_only_regions_are_never_released() {
     r.qs[0].wait_used(1);
     assert_eq!((r.h.ignored_pfns(), r.h.inflated_bytes()), (4, 0));
     assert_eq!(r.dev.shared.madvise_calls.load(SeqCst), 0);
-    // Only the 16 MiB of RAM count towards the limit (floor 8 MiB).
-    r.h.set_target(8 * MIB).unwrap();
-    r.h.set_target(9 * MIB).unwrap_err();
+    // Only the 16 MiB of RAM count towards the limit (floor 4 MiB).
+    r.h.set_target(12 * MIB).unwrap();
+    r.h.set_target(13 * MIB).unwrap_err();
 }
 
 #[test]
