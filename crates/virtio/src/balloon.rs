@@ -593,11 +593,13 @@ impl BalloonHandler {
         let mut used_any = false;
         loop {
             queue.disable_notification(mem).map_err(&err)?;
+            let mut popped = 0usize;
             loop {
                 let chain = queue.iter(mem).map_err(&err)?.next();
                 let Some(chain) = chain else {
                     break;
                 };
+                popped += 1;
                 let head = chain.head_index();
                 if let Some(stats) = parse_stats(chain, mem) {
                     *lock(&self.shared.stats) = Some(stats);
@@ -610,6 +612,12 @@ impl BalloonHandler {
             }
             if !queue.enable_notification(mem).map_err(&err)? {
                 break;
+            }
+            // More announced, none found: overlapping rings (see `process_queue`).
+            if popped == 0 {
+                return Err(DeviceError::OverlappingRings {
+                    queue: STATS as u16,
+                });
             }
         }
         if used_any && queue.needs_notification(mem).map_err(&err)? {

@@ -126,6 +126,8 @@ impl VirtioDevice for Block {
             read_only: self.image.read_only(),
             capacity: self.image.size(),
             inflight: Vec::new(),
+            active: 0,
+            throttled: false,
         };
         self.worker = Some(
             Worker::spawn(
@@ -233,6 +235,10 @@ struct BlockHandler {
     capacity: u64,
     /// Slots indexed by `user_data`; `None` when free.
     inflight: Vec<Option<InFlight>>,
+    /// Requests with the engine now.
+    active: usize,
+    /// The queue was left unread because `active` hit the limit.
+    throttled: bool,
 }
 
 /// What parsing a chain decided.
@@ -258,7 +264,18 @@ impl BlockHandler {
             self.queue
                 .disable_notification(&self.mem)
                 .map_err(Self::queue_err)?;
+            let mut popped = 0usize;
             loop {
+                // A driver cannot have more requests outstanding than its queue holds; one
+                // that republishes heads still in flight waits for completions instead of
+                // growing host memory. Completions call back in here.
+                if self.active >= usize::from(QUEUE_MAX_SIZE) {
+                    self.throttled = true;
+                    if completed {
+                        self.notify()?;
+                    }
+                    return Ok(());
+                }
                 let chain = {
                     let mut it = self.queue.iter(&self.mem).map_err(Self::queue_err)?;
                     it.next()
@@ -267,6 +284,7 @@ impl BlockHandler {
                     break;
                 };
                 let head = chain.head_index();
+                popped += 1;
                 let mut readable = Regions::default();
                 let mut writable = Regions::default();
                 let mut order_ok = true;
@@ -287,6 +305,10 @@ impl BlockHandler {
                 .map_err(Self::queue_err)?
             {
                 break;
+            }
+            // More announced, none found: overlapping rings (see `process_queue`).
+            if popped == 0 {
+                return Err(DeviceError::OverlappingRings { queue: 0 });
             }
         }
         if completed {
@@ -340,6 +362,7 @@ impl BlockHandler {
                 };
                 match self.engine.submit(request) {
                     Ok(()) => {
+                        self.active += 1;
                         self.inflight[slot] = Some(InFlight {
                             head,
                             data_out: writable,
@@ -478,6 +501,7 @@ impl BlockHandler {
             else {
                 continue;
             };
+            self.active = self.active.saturating_sub(1);
             let (status, written) = match &c.result {
                 Ok(_) if !req.is_read => (S_OK, 0),
                 Ok(_) => {
@@ -502,7 +526,11 @@ impl BlockHandler {
             };
             self.finish(req.head, req.status, status, written)?;
         }
-        self.notify()
+        self.notify()?;
+        if std::mem::take(&mut self.throttled) {
+            self.serve_queue()?;
+        }
+        Ok(())
     }
 
     fn notify(&mut self) -> Result<(), DeviceError> {

@@ -51,6 +51,8 @@ pub enum DeviceError {
         #[source]
         source: virtio_queue::Error,
     },
+    #[error("virtio queue {queue}: the available index moves while nothing is available: the driver's rings overlap")]
+    OverlappingRings { queue: u16 },
     #[error("{0}")]
     Backend(String),
 }
@@ -113,6 +115,7 @@ pub fn process_queue(
     let mut used_any = false;
     'outer: loop {
         queue.disable_notification(mem).map_err(err)?;
+        let mut popped = 0usize;
         loop {
             let chain = {
                 let mut it = queue.iter(mem).map_err(err)?;
@@ -122,6 +125,7 @@ pub fn process_queue(
                 break;
             };
             let head = chain.head_index();
+            popped += 1;
             match serve(chain) {
                 Some(len) => {
                     queue.add_used(mem, head, len).map_err(err)?;
@@ -135,6 +139,11 @@ pub fn process_queue(
         }
         if !queue.enable_notification(mem).map_err(err)? {
             break;
+        }
+        // More work announced but none found: the device's own ring writes move the
+        // driver's available index (overlapping rings). Stop rather than spin forever.
+        if popped == 0 {
+            return Err(DeviceError::OverlappingRings { queue: index });
         }
     }
     if used_any && queue.needs_notification(mem).map_err(err)? {

@@ -441,3 +441,32 @@ fn queue_vectors_can_be_remapped_while_running() {
     d.publish(0);
     d.wait("the interrupt on the remapped vector", |d| d.msi.fired(0));
 }
+
+/// Found by fuzzing: with the used ring starting on the available index, the device's own
+/// `used.flags` writes announce work that is never there. The device must stop, not spin,
+/// and a reset must still complete.
+#[test]
+fn overlapping_rings_break_the_device_instead_of_spinning() {
+    let mut d = Driver::new();
+    d.enable_msix();
+    d.w(0x14, 3, 1);
+    d.w(0x08, 1, 4);
+    d.w(0x0c, 1, 4);
+    d.w(0x14, 3 | u64::from(status::FEATURES_OK), 1);
+    d.w(0x16, 0, 2);
+    d.w(0x20, DESC, 8);
+    d.w(0x28, AVAIL + 2, 8);
+    d.w(0x30, AVAIL + 4, 8);
+    d.w(0x1c, 1, 2);
+    d.w(
+        0x14,
+        u64::from(3 | status::FEATURES_OK | status::DRIVER_OK),
+        1,
+    );
+    d.w(NOTIFY, 0, 2);
+    d.wait("DEVICE_NEEDS_RESET", |d| {
+        d.status() & status::DEVICE_NEEDS_RESET != 0
+    });
+    d.w(0x14, 0, 1);
+    assert_eq!(d.status(), 0);
+}

@@ -219,6 +219,7 @@ impl Tx {
         let mut done = 0;
         'outer: loop {
             self.queue.disable_notification(mem).map_err(&err)?;
+            let popped_before = done;
             loop {
                 if done == BUDGET {
                     // Maybe more: come back once the other sources had their turn (the
@@ -252,6 +253,10 @@ impl Tx {
             }
             if !self.queue.enable_notification(mem).map_err(&err)? {
                 break;
+            }
+            // More announced, none found: overlapping rings (see `process_queue`).
+            if done == popped_before {
+                return Err(DeviceError::OverlappingRings { queue: TX_QUEUE });
             }
         }
         if used && self.queue.needs_notification(mem).map_err(&err)? {
@@ -393,6 +398,7 @@ impl Rx {
         let err = queue_err(RX_QUEUE);
         self.queue.disable_notification(&sh.mem).map_err(&err)?;
         self.used = false;
+        let mut retried_at: Option<u16> = None;
         let mut frames = 0;
         while frames < BUDGET {
             let len = match self.pending.take() {
@@ -413,7 +419,12 @@ impl Rx {
                     // Ask to be told of new buffers: past the ones already looked at, which
                     // is where the queue's next index stands. Then go back to the first.
                     let more = self.queue.enable_notification(&sh.mem).map_err(&err)?;
+                    let seen = self.queue.next_avail();
                     self.queue.set_next_avail(start);
+                    // "More" twice at the same ring position means the device's own ring
+                    // writes move the driver's index (overlapping rings): wait for a notify.
+                    let more = more && retried_at != Some(seen);
+                    retried_at = Some(seen);
                     if more {
                         self.queue.disable_notification(&sh.mem).map_err(&err)?;
                         continue;
