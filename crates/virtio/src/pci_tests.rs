@@ -188,7 +188,7 @@ impl Driver {
         let t = Instant::now();
         while !cond(self) {
             assert!(
-                t.elapsed() < Duration::from_secs(5),
+                t.elapsed() < Duration::from_secs(20),
                 "timed out waiting for {what}"
             );
             std::thread::sleep(Duration::from_millis(1));

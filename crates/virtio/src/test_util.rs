@@ -97,12 +97,13 @@ impl TestQueue {
     }
 }
 
-/// Polls `cond` for up to 5 s; panics with `what` on timeout.
+/// Polls `cond` for up to 20 s (generous: a loaded CI machine), panicking with `what` on
+/// timeout.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
     while !cond() {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(20),
             "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(1));

@@ -143,7 +143,7 @@ impl Guest {
     }
 
     pub fn recv(&mut self) -> (Header, Vec<u8>) {
-        self.try_recv(Duration::from_secs(5))
+        self.try_recv(Duration::from_secs(20))
             .expect("timed out waiting for an rx packet")
     }
 
