@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Keel benchmark harness: Keel side by side with QEMU (and Firecracker / Cloud Hypervisor).
 
-    python3 bench/run.py [--runs N] [--only a|b] [--out docs/benchmarks.md] [--cpus N]
+    python3 bench/run.py [--runs N] [--only a|b|io] [--skip a,b,io] [--out docs/benchmarks.md]
 
 Measurements (see bench/README.md and docs/benchmarks.md):
   (a) launch -> first guest I/O exit: a tiny PVH guest (bench/guests/first_io.S) whose first
       instructions are port writes that end each VMM; time from spawn to process exit.
   (b) launch -> user-space marker: the Keel test kernel with its tiny initramfs; time until
       `KEEL-INIT-OK` arrives on the serial console (VMM stdout, read as a pipe), and to exit.
+  (io) block and network throughput in the guest (virtio-blk /dev/vdb with O_DIRECT; TCP over
+      a tap) against the same program on the host: bench/iobench.py, needs root.
 
 Runs alternate between VMM variants (keel, qemu-pc, qemu-microvm, keel, ...) so that noise
 hits all of them alike. Peak RSS is ru_maxrss from os.wait4() on the VMM process itself
@@ -28,6 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the checkout
+import iobench  # noqa: E402  bench/iobench.py (sys.path[0] is bench/ when run as a script)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -291,6 +296,7 @@ def run_once(argv, timeout, marker=None, power_down_is_exit=False, log_path=None
     p.stderr.close()
     res["rc"] = p.returncode
     res["maxrss_mib"] = ru.ru_maxrss / 1024.0  # Linux: KiB
+    res["cpu_s"] = ru.ru_utime + ru.ru_stime  # all threads; on PVM guest time is system time
     res["stdout"] = bytes(fds[out_fd])
     res["stderr"] = bytes(fds[err_fd])
     if log_path:
@@ -522,25 +528,44 @@ def argv_doc(v, subst):
     return f"- {v.label}: `{s}`" + (f" — {v.note}" if v.note else "")
 
 
+PARTS = ["a", "b", "io"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="timed runs per variant (default 3)")
     ap.add_argument("--runs-a", type=int,
                     help="timed runs per variant for (a), which is cheap (default: max(10, --runs))")
-    ap.add_argument("--only", choices=["a", "b"], help="run only measurement a or b")
+    ap.add_argument("--only", choices=PARTS, help="run only measurement a, b or io")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated measurements not to run, e.g. --skip io")
     ap.add_argument("--out", help="append the results as a dated section to this markdown file")
     ap.add_argument("--cpus", type=int, default=1, help="vCPUs for every VMM (default 1)")
     ap.add_argument("--timeout", type=float, default=180, help="kill a VMM after this many s")
     ap.add_argument("--variants", help="comma-separated variant ids to run (diagnostics), e.g. "
                     "keel-pvh,qemu-microvm (b) or keel,qemu-pc (a)")
     ap.add_argument("--cmdline-extra", default="",
-                    help="append to the (b) kernel command line (diagnostics, e.g. printk.time=1)")
+                    help="append to the (b) and io kernel command lines (diagnostics, e.g. "
+                    "printk.time=1)")
     ap.add_argument("--wait-assets", type=float, default=0,
                     help="wait up to SEC for the guest kernel/initrd to appear")
     ap.add_argument("--no-build", action="store_true",
                     help="do not run cargo build; bench the existing target/release/keel "
                     "(or $KEEL_BIN)")
+    iobench.add_arguments(ap)
     args = ap.parse_args()
+    skip = {p for p in args.skip.split(",") if p}
+    if skip - set(PARTS):
+        die(f"--skip: unknown measurement(s) {', '.join(sorted(skip - set(PARTS)))}")
+    parts = [p for p in PARTS if (args.only in (None, p)) and p not in skip]
+    if not parts:
+        die("nothing to run (--only/--skip leave no measurement)")
+    io_unavailable = iobench.check_root() if "io" in parts else None
+    if io_unavailable:
+        if args.only == "io":
+            die(f"io: {io_unavailable}")
+        log(f"WARNING: skipping io: {io_unavailable}")
+        parts.remove("io")
     if args.runs < 1 or args.cpus < 1:
         die("--runs and --cpus must be at least 1")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -572,8 +597,10 @@ def main():
                 f"{args.cpus} vCPU(s), {MEMORY_MIB} MiB; serial logs in `{log_dir}`")
     sections = []
     skipped_all = set()
+    if io_unavailable:
+        skipped_all.add(f"io ({io_unavailable})")
 
-    if args.only in (None, "a"):
+    if "a" in parts:
         guests = build_first_io_guest()
         vs, skipped = variants_a(keel, qemu, guests, args.cpus, tmpdir)
         vs = select_variants(vs)
@@ -590,7 +617,7 @@ def main():
             "untimed warm-up run each.\n"
             + "\n".join(argv_doc(v, subst) for v in vs))
 
-    if args.only in (None, "b"):
+    if "b" in parts:
         assets, quirks = guest_assets(args.wait_assets)
         cmdline = f"{BASE_CMDLINE} {quirks}" + (f" {args.cmdline_extra}" if args.cmdline_extra
                                                 else "")
@@ -619,6 +646,21 @@ def main():
             "`→ exit`: VMM process exit after the guest powered off (these columns: medians over every run that completed, marker or not; `exit ratio`: to Keel (PVH)).\n"
             f"CMDLINE=`{cmdline}`\n"
             + "\n".join(argv_doc(v, subst) for v in vs))
+
+    if "io" in parts:
+        assets, quirks = guest_assets(args.wait_assets)
+        cmdline = f"{BASE_CMDLINE} {quirks}" + (f" {args.cmdline_extra}" if args.cmdline_extra
+                                                else "")
+        log(f"(io) block and network throughput: host, Keel, QEMU ({args.io_qemu})")
+        try:
+            sections.append(iobench.measure(args, keel, qemu, assets, cmdline, run_once, log,
+                                            log_dir, CACHE))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"(io) ERROR: {e}")
+            sections.append(f"### (io) block and network throughput\n\nFailed: {e}")
+        except iobench.Terminated:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            die("terminated by SIGTERM (io namespaces, taps and files removed)")
 
     info.append("- Load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
                 + " (other work on this machine adds noise; 2 CPUs)")
