@@ -29,6 +29,7 @@ const OBJECTS: &[(&str, &str)] = &[
     ("entry.S", "entry.o"),
     ("kit.c", "kit.o"),
     ("virtio.c", "virtio.o"),
+    ("virtio_hostile.c", "virtio_hostile.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -46,7 +47,14 @@ fn main() {
     let src = manifest.join("../../guest/kit");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for f in [
-        "entry.S", "kit.c", "kit.h", "kit.ld", "virtio.c", "virtio.h",
+        "entry.S",
+        "kit.c",
+        "kit.h",
+        "kit.ld",
+        "virtio.c",
+        "virtio.h",
+        "virtio_dev.h",
+        "virtio_hostile.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }
