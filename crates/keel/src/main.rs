@@ -63,6 +63,18 @@ struct RunArgs {
     /// Do not append the guest-side parameters this host's KVM needs (e.g. on PVM).
     #[arg(long)]
     no_host_quirks: bool,
+    /// Limit the VM to this many CPUs' worth of time (e.g. 0.5, 1.5), through its cgroup.
+    #[arg(long, value_name = "CPUS", value_parser = cpu_quota)]
+    cpu_quota: Option<(u64, u64)>,
+    /// The VM's share of contended CPU time, 1-10000 (100 is every process's default).
+    #[arg(long, value_name = "WEIGHT", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    cpu_weight: Option<u32>,
+    /// Hard memory limit for the whole VMM process (guest RAM plus Keel's own), e.g. 600M.
+    #[arg(long, value_name = "SIZE", value_parser = memory_size)]
+    memory_limit: Option<u64>,
+    /// Most threads and processes the VMM may have.
+    #[arg(long, value_name = "N")]
+    pids_max: Option<u64>,
     /// Back all guest memory with host RAM before the guest starts.
     #[arg(long)]
     prefault: bool,
@@ -90,6 +102,30 @@ struct RunArgs {
     /// Seconds the guest gets to power off after SIGTERM presses its power button.
     #[arg(long, value_name = "SECS", default_value_t = keel_vmm::config::DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     shutdown_timeout: u32,
+}
+
+/// `--cpu-quota 1.5` → 150000 µs of CPU time per 100000 µs period.
+fn cpu_quota(s: &str) -> Result<(u64, u64), String> {
+    let cpus: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of CPUs (e.g. 0.5, 2)"))?;
+    if !cpus.is_finite() || !(0.01..=1024.0).contains(&cpus) {
+        return Err(format!("{s} CPUs is outside 0.01..=1024"));
+    }
+    const PERIOD: u64 = 100_000;
+    Ok(((cpus * PERIOD as f64).round() as u64, PERIOD))
+}
+
+fn limits(args: &RunArgs) -> Option<keel_cgroup::Limits> {
+    let l = keel_cgroup::Limits {
+        cpu_quota: args.cpu_quota,
+        cpu_weight: args.cpu_weight,
+        memory_max: args.memory_limit,
+        pids_max: args.pids_max,
+        io: Vec::new(),
+    };
+    (!l.controllers().is_empty()).then_some(l)
 }
 
 pub(crate) fn memory_size(s: &str) -> Result<u64, String> {
@@ -139,6 +175,7 @@ fn init_logging(default: &str) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let limits = limits(&args);
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -147,6 +184,7 @@ fn run(args: RunArgs) -> ExitCode {
         memory: args.memory,
         host_quirks: !args.no_host_quirks,
         prefault: args.prefault,
+        limits,
         disks: args.disks,
         nets: args.nets,
         vsock: args.vsock,

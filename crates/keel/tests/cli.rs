@@ -61,6 +61,21 @@ fn no_kvm_trials() -> Vec<Trial> {
     );
     vec![
         usage(
+            "cpu_quota_not_a_number",
+            &["run", "--kernel", "x", "--cpu-quota", "lots"],
+            "not a number of CPUs",
+        ),
+        usage(
+            "cpu_quota_zero",
+            &["run", "--kernel", "x", "--cpu-quota", "0"],
+            "outside",
+        ),
+        usage(
+            "cpu_weight_out_of_range",
+            &["run", "--kernel", "x", "--cpu-weight", "0"],
+            "--cpu-weight",
+        ),
+        usage(
             "missing_kernel_file",
             &["run", "--kernel", "/nonexistent/vmlinux"],
             "/nonexistent/vmlinux",
@@ -202,6 +217,10 @@ fn kvm_trials() -> Vec<Trial> {
         Trial::test("sigterm_presses_the_power_button_then_stops_the_vm", || {
             sigterm_test(1)
         }),
+        Trial::test(
+            "cgroup_limits_apply_to_the_vmm_and_go_away",
+            cgroup_limits_test,
+        ),
         Trial::test("sigterm_with_no_grace_period_stops_at_once", || {
             sigterm_test(0)
         }),
@@ -259,6 +278,103 @@ fn sigterm_test(timeout: u32) -> Result<(), Failed> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `--cpu-quota` and friends put the VMM in a cgroup of its own with those limits, which is
+/// gone after the VM ends.
+fn cgroup_limits_test() -> Result<(), Failed> {
+    let child = keel()
+        .args([
+            "run",
+            "--kernel",
+            &kit(),
+            "--cmdline",
+            "test=console",
+            "--memory",
+            "64M",
+            "--cpu-quota",
+            "0.5",
+            "--cpu-weight",
+            "50",
+            "--memory-limit",
+            "512M",
+            "--pids-max",
+            "64",
+            "--shutdown-timeout",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let checks = (|| -> Result<Vec<String>, String> {
+        let mut dirs = Vec::new();
+        for line in cgroups.lines() {
+            let mut f = line.splitn(3, ':');
+            let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            if !path.contains(&format!("/keel/vm-{pid}")) {
+                continue;
+            }
+            // Find the mount of this hierarchy.
+            let mount = mounts
+                .lines()
+                .filter_map(|m| {
+                    let w: Vec<&str> = m.split_whitespace().collect();
+                    let ok = match (w.get(2), ctrls) {
+                        (Some(&"cgroup2"), "") => true,
+                        (Some(&"cgroup"), c) if !c.is_empty() => w
+                            .get(3)
+                            .is_some_and(|o| c.split(',').all(|x| o.split(',').any(|y| y == x))),
+                        _ => false,
+                    };
+                    ok.then(|| w.get(1).map(|s| s.to_string())).flatten()
+                })
+                .next()
+                .ok_or(format!("no mount for {line}"))?;
+            dirs.push(format!("{mount}{path}"));
+        }
+        let read = |f: &str| {
+            dirs.iter()
+                .find_map(|d| std::fs::read_to_string(format!("{d}/{f}")).ok())
+                .unwrap_or_default()
+        };
+        let quota = read("cpu.cfs_quota_us") + &read("cpu.max");
+        if !(quota.trim() == "50000" || quota.trim() == "50000 100000") {
+            return Err(format!(
+                "CPU quota in the VM's cgroup is {quota:?}; cgroups: {cgroups}"
+            ));
+        }
+        let shares = read("cpu.shares") + &read("cpu.weight");
+        if !(shares.trim() == "512" || shares.trim() == "50") {
+            return Err(format!("CPU weight is {shares:?}"));
+        }
+        let mem = read("memory.limit_in_bytes") + &read("memory.max");
+        if mem.trim() != (512u64 << 20).to_string() {
+            return Err(format!("memory limit is {mem:?}"));
+        }
+        Ok(dirs)
+    })();
+    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let dirs = checks.map_err(Failed::from)?;
+    if dirs.is_empty() {
+        return Err(format!("keel is in no keel cgroup: {cgroups}\n{}", stderr(&o)).into());
+    }
+    if o.status.code() != Some(143) {
+        return Err(format!("status {:?}: {}", o.status, stderr(&o)).into());
+    }
+    for d in dirs {
+        if std::path::Path::new(&d).exists() {
+            return Err(format!("{d} left behind after the VM ended").into());
+        }
+    }
+    Ok(())
 }
 
 fn main() {

@@ -29,6 +29,8 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Where the VMM listens for control requests.
     pub api_socket: Option<PathBuf>,
+    /// cgroup limits for the VMM process (CPU, memory, pids); `None`: no cgroup of its own.
+    pub limits: Option<keel_cgroup::Limits>,
     /// After SIGTERM presses the power button, how long the guest gets to power off before
     /// it is stopped.
     pub shutdown_timeout_secs: u32,
@@ -58,6 +60,7 @@ impl VmConfig {
             rng: false,
             balloon: false,
             api_socket: None,
+            limits: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
     }

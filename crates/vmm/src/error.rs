@@ -49,6 +49,8 @@ pub enum VmmError {
     Pci(#[from] keel_pci::PciError),
     #[error("{name}: {reason}")]
     Device { name: String, reason: String },
+    #[error("cgroup limits: {0}")]
+    Cgroup(#[from] keel_cgroup::CgroupError),
     #[error("--net: {reason}")]
     Net { reason: String },
     #[error("--api-socket {path}: {reason}")]
@@ -81,6 +83,7 @@ impl VmmError {
                 | VmmError::Kernel { .. }
                 | VmmError::Disk { .. }
                 | VmmError::ApiSocket { .. }
+                | VmmError::Cgroup(keel_cgroup::CgroupError::BadLimit(_))
                 | VmmError::Net { .. }
         )
     }

@@ -247,12 +247,15 @@ impl Vmm {
             power_button,
             pci,
             api_listener,
+            // Held to the end of `run`: the cgroup is left and removed after every thread.
+            _cgroup: cgroup,
             console_in,
             console_escape,
             config,
             ..
         } = self;
         tracing::debug!("PCI devices: {:?}", pci.names);
+        let _cgroup = cgroup;
         let _api = match (api_listener, &config.api_socket) {
             (Some(l), Some(path)) => {
                 let control = crate::api::Control {

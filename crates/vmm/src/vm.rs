@@ -86,6 +86,8 @@ pub struct Vmm {
     pub(crate) power_button: EventFd,
     pub(crate) pci: crate::devices::DeviceHandles,
     pub(crate) api_listener: Option<std::os::unix::net::UnixListener>,
+    /// Left (and removed) when the VMM is dropped.
+    pub(crate) _cgroup: Option<keel_cgroup::VmCgroup>,
     pub(crate) console_in: Option<OwnedFd>,
     pub(crate) console_escape: bool,
 }
@@ -110,6 +112,24 @@ impl Vmm {
             None => None,
         };
 
+        // Into the VM's own cgroup before anything big is allocated: guest memory, device
+        // threads and vCPU threads are all charged to it.
+        let cgroup = match &config.limits {
+            Some(limits) => {
+                let layout = keel_cgroup::Layout::detect()?;
+                let cg = keel_cgroup::VmCgroup::create(
+                    &layout,
+                    &format!("vm-{}", std::process::id()),
+                    limits,
+                )?;
+                cg.add(std::process::id())?;
+                for p in cg.paths() {
+                    tracing::info!("cgroup: {}", p.display());
+                }
+                Some(cg)
+            }
+            None => None,
+        };
         let hv = Hypervisor::open()?;
         validate_vcpus(config.vcpus, hv.max_vcpus())?;
         let host = hv.host_info().clone();
@@ -196,6 +216,7 @@ impl Vmm {
             power_button: devices.power_button,
             pci,
             api_listener,
+            _cgroup: cgroup,
             console_in,
             console_escape,
             vm,
