@@ -32,7 +32,7 @@ enum Command {
     ///
     /// The VM ends when the guest powers off or reboots (exit status 0), on SIGINT/SIGTERM
     /// (128+signal), on Ctrl-A x typed at the console (0), or when a vCPU fails (1).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
     /// Report whether this host can run Keel VMs: the KVM kind, capabilities, cgroups, devices.
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
     };
     init_logging(&cli.log);
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::HostCheck { json } => host_check::run(json),
         Command::Ctl(args) => ctl::run(args),
     }
