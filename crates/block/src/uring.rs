@@ -262,10 +262,10 @@ impl Uring {
                 .build(),
         };
         let entry = entry.user_data(slot as u64);
-        // SAFETY: the entry points at `op.iovecs`, which points into `op.req.buffers`; both
-        // are owned by slot `slot` of `st.slots` and stay there, unmoved and unfreed, until
-        // this entry's completion is reaped (`reap`) or the engine is dropped after waiting
-        // for it (`Drop`). The fd is kept open by `shared.image`, which outlives the ring.
+        // The entry points at `op.iovecs`, which point into `op.req.buffers`; the fd is kept
+        // open by `shared.image`, which outlives the ring.
+        // SAFETY: both buffers are owned by slot `slot` of `st.slots`, unmoved and unfreed until
+        // this entry's completion is reaped (`reap`) or `Drop` has waited for it.
         let pushed = unsafe { st.ring.submission().push(&entry) };
         if pushed.is_err() {
             // The queue is full of entries not yet handed to the kernel: hand them over.

@@ -118,6 +118,34 @@ impl Layout {
         l
     }
 
+    /// "v2" (unified only), "v1" (legacy only), "hybrid" (both), or "none".
+    pub fn mode(&self) -> &'static str {
+        match (self.v1.is_empty(), self.v2.is_some()) {
+            (true, true) => "v2",
+            (false, true) => "hybrid",
+            (false, false) => "v1",
+            (true, false) => "none",
+        }
+    }
+
+    /// Each v1 controller and where its hierarchy is mounted.
+    pub fn v1_controllers(&self) -> Vec<(String, String)> {
+        self.v1
+            .iter()
+            .flat_map(|m| {
+                let dir = m.mount.display().to_string();
+                m.controllers.iter().map(move |c| (c.clone(), dir.clone()))
+            })
+            .collect()
+    }
+
+    /// The v2 mount and the controllers this process's v2 cgroup offers.
+    pub fn v2(&self) -> Option<(String, Vec<String>)> {
+        self.v2
+            .as_ref()
+            .map(|(m, c)| (m.display().to_string(), c.clone()))
+    }
+
     /// This process's cgroup path in the hierarchy with `ctrls` (v1 list, "" for v2).
     fn own_rel(&self, ctrl: &str) -> Option<String> {
         self.own

@@ -15,47 +15,17 @@ pub struct CgroupLayout {
     pub v2: Option<(String, Vec<String>)>,
 }
 
-/// Parses /proc/self/mounts-style text.
+/// Parses /proc/self/mounts-style text (with keel-cgroup's parser, the one `keel run` uses).
 pub fn cgroup_layout(
     mounts: &str,
     read_controllers: impl Fn(&Path) -> Option<String>,
 ) -> CgroupLayout {
-    let mut layout = CgroupLayout::default();
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(dir), Some(fstype), Some(opts)) = (f.get(1), f.get(2), f.get(3)) else {
-            continue;
-        };
-        match *fstype {
-            "cgroup" => {
-                for o in opts.split(',') {
-                    if !matches!(
-                        o,
-                        "rw" | "ro" | "nosuid" | "nodev" | "noexec" | "relatime" | "xattr"
-                    ) && !o.starts_with("name=")
-                        && !o.starts_with("release_agent")
-                    {
-                        layout.v1.push((o.to_string(), dir.to_string()));
-                    }
-                }
-            }
-            "cgroup2" => {
-                let ctrls = read_controllers(&Path::new(dir).join("cgroup.controllers"))
-                    .map(|s| s.split_whitespace().map(String::from).collect())
-                    .unwrap_or_default();
-                layout.v2 = Some((dir.to_string(), ctrls));
-            }
-            _ => {}
-        }
+    let l = keel_cgroup::Layout::parse(mounts, "", read_controllers);
+    CgroupLayout {
+        mode: l.mode().into(),
+        v1: l.v1_controllers(),
+        v2: l.v2(),
     }
-    layout.mode = match (layout.v1.is_empty(), layout.v2.is_some()) {
-        (true, true) => "v2",
-        (false, true) => "hybrid",
-        (false, false) => "v1",
-        (true, false) => "none",
-    }
-    .into();
-    layout
 }
 
 #[derive(serde::Serialize)]

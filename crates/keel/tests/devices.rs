@@ -9,6 +9,8 @@
 //! (KEEL_VMLINUX, KEEL_ROOTFS or the default cache); without them or /dev/kvm the tests are
 //! reported as ignored, with the reason.
 
+mod support;
+
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,20 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{asset, skip_all, Host};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn asset(var: &str, file: &str) -> Option<PathBuf> {
-    let p = match std::env::var_os(var) {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("KEEL_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel")))?
-            .join("guest")
-            .join(file),
-    };
-    p.is_file().then_some(p)
-}
 
 /// A scratch directory removed at the end of the test.
 struct Scratch(PathBuf);
@@ -529,16 +520,7 @@ fn main() {
     if args.test_threads.is_none() {
         args.test_threads = Some(1);
     }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .err()
-        .map(|e| format!("/dev/kvm: {e}"));
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
-        .unwrap_or(false);
+    let host = Host::probe();
     let assets = match (
         asset("KEEL_VMLINUX", "vmlinux"),
         asset("KEEL_ROOTFS", "rootfs.ext4"),
@@ -546,7 +528,7 @@ fn main() {
         (Some(vmlinux), Some(rootfs)) => Ok(Assets { vmlinux, rootfs }),
         _ => Err("guest assets not built (run guest/build.sh)".to_string()),
     };
-    let skip = kvm.clone().or(assets.as_ref().err().cloned());
+    let skip = host.no_kvm.clone().or(assets.as_ref().err().cloned());
     let mut trials = Vec::new();
     match assets {
         Ok(a) => {
@@ -561,34 +543,20 @@ fn main() {
                 move || qcow2_overlay(&a2),
             ));
         }
-        Err(_) => {
-            trials.push(Trial::test(
+        Err(why) => {
+            // Reported ignored below; were they run anyway, they fail with the reason.
+            for name in [
                 "linux_virtio_disk_net_rng_vsock_balloon_power_button",
-                || Ok(()),
-            ));
-            trials.push(Trial::test(
                 "linux_root_on_qcow2_overlay_backing_unchanged",
-                || Ok(()),
-            ));
+            ] {
+                let why = why.clone();
+                trials.push(Trial::test(name, move || Err(why.into())));
+            }
         }
     }
-    if let Some(why) = &skip {
-        eprintln!(
-            "\n*** SKIPPING {} virtio device boot tests: {why} ***\n",
-            trials.len()
-        );
-        trials = trials
-            .into_iter()
-            .map(|t| t.with_ignored_flag(true))
-            .collect();
-    }
+    let mut trials = skip_all(trials, "virtio device boot tests", skip.as_deref());
     let debian = Trial::test("debian12_systemd_fio_iperf3_guest", debian_guest);
-    let debian_skip = if pvm || !hw {
-        Some("needs hardware VT-x/AMD-V (stock kernels cannot boot on PVM)".to_string())
-    } else {
-        kvm.clone()
-    };
-    match debian_skip {
+    match host.no_hardware_virt {
         Some(why) => {
             eprintln!("*** SKIPPING debian12_systemd_fio_iperf3_guest: {why} ***");
             trials.push(debian.with_ignored_flag(true));

@@ -7,28 +7,16 @@
 //! KEEL_STOCK_KERNEL, or the default cache). Missing assets, a missing /dev/kvm, or (for the
 //! stock kernel) a host without VT-x/AMD-V make the tests report as ignored, with the reason.
 
+mod support;
+
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{asset, skip_all, Host};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn asset(var: &str, file: &str) -> Option<PathBuf> {
-    let p = match std::env::var_os(var) {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("KEEL_CACHE_DIR")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel"))
-                })?;
-            cache.join("guest").join(file)
-        }
-    };
-    p.is_file().then_some(p)
-}
 
 struct Boot {
     status: Option<i32>,
@@ -225,16 +213,7 @@ fn main() {
     if args.test_threads.is_none() {
         args.test_threads = Some(1);
     }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .err()
-        .map(|e| format!("/dev/kvm: {e}"));
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
-        .unwrap_or(false);
+    let host = Host::probe();
 
     let assets = match (
         asset("KEEL_VMLINUX", "vmlinux"),
@@ -250,7 +229,7 @@ fn main() {
         _ => Err("guest assets not built (run guest/build.sh)".to_string()),
     };
 
-    let mut trials = match &assets {
+    let trials = match &assets {
         Ok(a) => linux_trials(a),
         Err(_) => linux_trials(&Assets {
             vmlinux: PathBuf::new(),
@@ -259,28 +238,14 @@ fn main() {
             busybox: None,
         }),
     };
-    let skip_linux = kvm.clone().or(assets.as_ref().err().cloned());
-    if let Some(why) = &skip_linux {
-        eprintln!(
-            "\n*** SKIPPING {} Linux boot tests: {why} ***\n",
-            trials.len()
-        );
-        trials = trials
-            .into_iter()
-            .map(|t| t.with_ignored_flag(true))
-            .collect();
-    }
+    let skip_linux = host.no_kvm.clone().or(assets.as_ref().err().cloned());
+    let mut trials = skip_all(trials, "Linux boot tests", skip_linux.as_deref());
 
     let stock = stock_trial(
         asset("KEEL_STOCK_KERNEL", "stock/vmlinuz"),
         asset("KEEL_INITRD_BUSYBOX", "initramfs-busybox.cpio.gz"),
     );
-    let stock_skip = if pvm || !hw {
-        Some("needs hardware VT-x/AMD-V: stock distribution kernels cannot boot on PVM".to_string())
-    } else {
-        kvm.clone()
-    };
-    match stock_skip {
+    match host.no_hardware_virt {
         Some(why) => {
             eprintln!("*** SKIPPING stock_debian_cloud_kernel_boots_to_userspace: {why} ***");
             trials.push(stock.with_ignored_flag(true));

@@ -91,7 +91,8 @@ impl FromStr for MacAddr {
                     i + 1
                 )));
             }
-            *out = u8::from_str_radix(part, 16).expect("two hex digits");
+            *out = u8::from_str_radix(part, 16)
+                .map_err(|_| bad(format!("octet {} ({part:?}) is not hex", i + 1)))?;
         }
         MacAddr::check(b, || s.into())
     }

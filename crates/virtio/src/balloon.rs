@@ -443,10 +443,10 @@ fn release(mem: &GuestMemory, region: &RamRegion, first_pfn: u64, pages: u64, sh
         return;
     }
     shared.madvise_calls.fetch_add(1, SeqCst);
-    // SAFETY: [host, host + len) is whole pages of one writable guest RAM mapping (checked
-    // above: both ends translate within it) that `mem` keeps mapped. The guest gave these
-    // frames up, so discarding their contents is what it asked for; Rust code only reaches
-    // guest memory through volatile accesses, so no reference relies on the old contents.
+    // The guest gave these frames up, so discarding their contents is what it asked for;
+    // Rust code reaches guest memory only through volatile accesses, never references.
+    // SAFETY: [host, host + len) is whole pages of one writable guest RAM mapping (both ends
+    // translate within it, checked above) that `mem` keeps mapped.
     if unsafe { libc::madvise(host.cast(), len as usize, advice) } != 0 {
         let e = std::io::Error::last_os_error();
         tracing::debug!("balloon: madvise of {len} bytes at {first:#x?} failed: {e}");
@@ -610,14 +610,8 @@ impl BalloonHandler {
                     used_any = true;
                 }
             }
-            if !queue.enable_notification(mem).map_err(&err)? {
+            if !crate::rearm(queue, mem, STATS as u16, popped)? {
                 break;
-            }
-            // More announced, none found: overlapping rings (see `process_queue`).
-            if popped == 0 {
-                return Err(DeviceError::OverlappingRings {
-                    queue: STATS as u16,
-                });
             }
         }
         if used_any && queue.needs_notification(mem).map_err(&err)? {

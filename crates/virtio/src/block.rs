@@ -299,16 +299,8 @@ impl BlockHandler {
                 }
                 completed |= self.start(head, readable, writable, order_ok)?;
             }
-            if !self
-                .queue
-                .enable_notification(&self.mem)
-                .map_err(Self::queue_err)?
-            {
+            if !crate::rearm(&mut self.queue, &self.mem, 0, popped)? {
                 break;
-            }
-            // More announced, none found: overlapping rings (see `process_queue`).
-            if popped == 0 {
-                return Err(DeviceError::OverlappingRings { queue: 0 });
             }
         }
         if completed {

@@ -90,6 +90,29 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// Ends one pass over queue `index` that took `popped` chains: re-enables notifications and
+/// says whether more chains arrived meanwhile (go round again). More announced after a pass
+/// that found nothing means the device's own ring writes move the driver's available index
+/// (overlapping rings): that is an error, so the device stops instead of spinning forever.
+pub fn rearm(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    index: u16,
+    popped: usize,
+) -> Result<bool, DeviceError> {
+    use virtio_queue::QueueT;
+    let more = queue
+        .enable_notification(mem)
+        .map_err(|source| DeviceError::Queue {
+            queue: index,
+            source,
+        })?;
+    if more && popped == 0 {
+        return Err(DeviceError::OverlappingRings { queue: index });
+    }
+    Ok(more)
+}
+
 /// A descriptor chain popped from a queue.
 pub type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemory>;
 
@@ -137,13 +160,8 @@ pub fn process_queue(
                 }
             }
         }
-        if !queue.enable_notification(mem).map_err(err)? {
+        if !rearm(queue, mem, index, popped)? {
             break;
-        }
-        // More work announced but none found: the device's own ring writes move the
-        // driver's available index (overlapping rings). Stop rather than spin forever.
-        if popped == 0 {
-            return Err(DeviceError::OverlappingRings { queue: index });
         }
     }
     if used_any && queue.needs_notification(mem).map_err(err)? {

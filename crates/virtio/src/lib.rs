@@ -19,7 +19,7 @@ pub mod vsock;
 mod worker;
 
 pub use device::{
-    process_queue, read_config_bytes, ActivateContext, ActivateError, Chain, DeviceError,
+    process_queue, read_config_bytes, rearm, ActivateContext, ActivateError, Chain, DeviceError,
     VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
 };
 pub use pci::{IoEvents, VirtioPciDevice};

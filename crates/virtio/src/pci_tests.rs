@@ -126,6 +126,12 @@ impl Driver {
 
     /// Negotiates, sets up queue 0 at the fixed rings, and starts the device.
     fn start(&mut self) {
+        self.start_with(DESC, AVAIL, USED);
+    }
+
+    /// Like [`Driver::start`], with the rings wherever the test wants them (the avail ring's
+    /// address written in two halves, as Linux does).
+    fn start_with(&mut self, desc: u64, avail: u64, used: u64) {
         self.w(0x14, 0, 1);
         self.w(0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
         self.w(0x08, 1, 4);
@@ -140,10 +146,10 @@ impl Driver {
         self.w(0x16, 0, 2);
         self.w(0x18, u64::from(QSIZE), 2);
         self.w(0x1a, 1, 2); // queue vector 1
-        self.w(0x20, DESC, 8);
-        self.w(0x28, AVAIL, 4);
-        self.w(0x2c, 0, 4);
-        self.w(0x30, USED, 8);
+        self.w(0x20, desc, 8);
+        self.w(0x28, avail & 0xffff_ffff, 4);
+        self.w(0x2c, avail >> 32, 4);
+        self.w(0x30, used, 8);
         self.w(0x1c, 1, 2);
         self.w(
             0x14,
@@ -354,20 +360,7 @@ fn a_head_index_outside_the_table_marks_the_device_broken() {
 fn rings_outside_guest_memory_are_refused_at_driver_ok() {
     let mut d = Driver::new();
     d.enable_msix();
-    d.w(0x14, 3, 1);
-    d.w(0x08, 1, 4);
-    d.w(0x0c, 1, 4);
-    d.w(0x14, 3 | u64::from(status::FEATURES_OK), 1);
-    d.w(0x16, 0, 2);
-    d.w(0x20, MEM_SIZE as u64 * 4, 8);
-    d.w(0x28, AVAIL, 8);
-    d.w(0x30, USED, 8);
-    d.w(0x1c, 1, 2);
-    d.w(
-        0x14,
-        u64::from(3 | status::FEATURES_OK | status::DRIVER_OK),
-        1,
-    );
+    d.start_with(MEM_SIZE as u64 * 4, AVAIL, USED);
     assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
 }
 
@@ -405,20 +398,8 @@ fn garbage_register_writes_never_panic() {
 fn misaligned_rings_are_refused_at_driver_ok() {
     let mut d = Driver::new();
     d.enable_msix();
-    d.w(0x14, 3, 1);
-    d.w(0x08, 1, 4);
-    d.w(0x0c, 1, 4);
-    d.w(0x14, 3 | u64::from(status::FEATURES_OK), 1);
-    d.w(0x16, 0, 2);
-    d.w(0x20, DESC + 8, 8); // the descriptor table must be 16-byte aligned
-    d.w(0x28, AVAIL, 8);
-    d.w(0x30, USED, 8);
-    d.w(0x1c, 1, 2);
-    d.w(
-        0x14,
-        u64::from(3 | status::FEATURES_OK | status::DRIVER_OK),
-        1,
-    );
+    // The descriptor table must be 16-byte aligned.
+    d.start_with(DESC + 8, AVAIL, USED);
     assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
 }
 
@@ -449,20 +430,7 @@ fn queue_vectors_can_be_remapped_while_running() {
 fn overlapping_rings_break_the_device_instead_of_spinning() {
     let mut d = Driver::new();
     d.enable_msix();
-    d.w(0x14, 3, 1);
-    d.w(0x08, 1, 4);
-    d.w(0x0c, 1, 4);
-    d.w(0x14, 3 | u64::from(status::FEATURES_OK), 1);
-    d.w(0x16, 0, 2);
-    d.w(0x20, DESC, 8);
-    d.w(0x28, AVAIL + 2, 8);
-    d.w(0x30, AVAIL + 4, 8);
-    d.w(0x1c, 1, 2);
-    d.w(
-        0x14,
-        u64::from(3 | status::FEATURES_OK | status::DRIVER_OK),
-        1,
-    );
+    d.start_with(DESC, AVAIL + 2, AVAIL + 4);
     d.w(NOTIFY, 0, 2);
     d.wait("DEVICE_NEEDS_RESET", |d| {
         d.status() & status::DEVICE_NEEDS_RESET != 0

@@ -251,12 +251,8 @@ impl Tx {
                 used |= give_back(&mut self.queue, mem, TX_QUEUE, head, 0)?;
                 done += 1;
             }
-            if !self.queue.enable_notification(mem).map_err(&err)? {
+            if !crate::rearm(&mut self.queue, mem, TX_QUEUE, done - popped_before)? {
                 break;
-            }
-            // More announced, none found: overlapping rings (see `process_queue`).
-            if done == popped_before {
-                return Err(DeviceError::OverlappingRings { queue: TX_QUEUE });
             }
         }
         if used && self.queue.needs_notification(mem).map_err(&err)? {
@@ -313,10 +309,9 @@ fn gather(
 /// copies whatever the bytes are; a guest racing its own buffer only garbles its own frame.
 fn send(tap: &Tap, iov: &[libc::iovec]) -> Result<io::Result<()>, Malformed> {
     let count = libc::c_int::try_from(iov.len()).map_err(|_| Malformed::Fragmented)?;
-    // SAFETY: every iovec was built by `gather` from a VolatileSlice of guest memory that
-    // `get_slices` checked lies inside a mapped region; the mappings live as long as the
-    // `GuestMemory` the caller holds across this call. writev only reads those `count`
-    // buffers, and no Rust reference to them exists.
+    // writev only reads those `count` buffers, and no Rust reference to them exists.
+    // SAFETY: every iovec was built by `gather` from a VolatileSlice that `get_slices` checked
+    // lies in a mapped region, kept mapped by the `GuestMemory` the caller holds.
     let n = unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), count) };
     Ok(if n < 0 {
         Err(io::Error::last_os_error())

@@ -1,0 +1,62 @@
+//! What the guest-booting integration tests share: finding guest assets, and deciding which
+//! tests this host can run (and saying loudly why not).
+
+use libtest_mimic::Trial;
+use std::path::{Path, PathBuf};
+
+/// A guest asset: `$var` if set, else `file` in the guest cache (`$KEEL_CACHE_DIR/guest`,
+/// default `~/.cache/keel/guest`); `None` when it is not there.
+pub fn asset(var: &str, file: &str) -> Option<PathBuf> {
+    let p = match std::env::var_os(var) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("KEEL_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/keel")))?
+            .join("guest")
+            .join(file),
+    };
+    p.is_file().then_some(p)
+}
+
+/// Why this host cannot run guests at all (`/dev/kvm` unusable), and why it cannot run
+/// tests that need hardware VT-x/AMD-V.
+pub struct Host {
+    pub no_kvm: Option<String>,
+    pub no_hardware_virt: Option<String>,
+}
+
+impl Host {
+    pub fn probe() -> Host {
+        let no_kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .err()
+            .map(|e| format!("/dev/kvm: {e}"));
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        let hw = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+            .unwrap_or(false);
+        let no_hardware_virt = if pvm || !hw {
+            Some("needs hardware VT-x/AMD-V: stock distribution kernels cannot boot on PVM".into())
+        } else {
+            no_kvm.clone()
+        };
+        Host {
+            no_kvm,
+            no_hardware_virt,
+        }
+    }
+}
+
+/// Marks every trial ignored, announcing `what` and `why` on stderr, when `why` is set.
+pub fn skip_all(trials: Vec<Trial>, what: &str, why: Option<&str>) -> Vec<Trial> {
+    let Some(why) = why else {
+        return trials;
+    };
+    eprintln!("\n*** SKIPPING {} {what}: {why} ***\n", trials.len());
+    trials
+        .into_iter()
+        .map(|t| t.with_ignored_flag(true))
+        .collect()
+}
