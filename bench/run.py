@@ -390,6 +390,10 @@ def variants_a(keel, qemu, guests, cpus, tmpdir):
         Variant("keel", "Keel (PVH)",
                 [keel, "run", "--kernel", g, "--cpus", str(cpus), "--memory", mem,
                  "--no-host-quirks"]),
+        # The same with the jail off: the difference is what the jail costs at launch.
+        Variant("keel-nojail", "Keel (PVH) --no-jail",
+                [keel, "run", "--kernel", g, "--cpus", str(cpus), "--memory", mem,
+                 "--no-host-quirks", "--no-jail"]),
         Variant("qemu-pc", "QEMU -M pc (PVH)", [qemu, "-M", "pc", *QEMU_COMMON, *qemu_tail],
                 ok_rc=(3,)),
         Variant("qemu-microvm", "QEMU -M microvm (PVH)",
@@ -454,6 +458,17 @@ def run_measurement(name, variants, runs, timeout, marker, log_dir, warmup):
                       else "NO MARKER" if r["completed"] else f"FAILED rc={r['rc']}")
             log(f"({name}) run {i + 1}/{runs} {v.label}: {desc}, rc {r['rc']}, "
                 f"peak RSS {r['maxrss_mib']:.1f} MiB — {status}")
+
+
+def jail_cost(variants):
+    """What the jail (fork, namespaces, pivot_root, privilege drop) adds to Keel's launch:
+    the difference of the medians of `keel` and `keel-nojail`, when both ran."""
+    by = {v.vid: stats([r["t_exit"] for r in v.results if r["ok"]])[0] for v in variants}
+    on, off = by.get("keel"), by.get("keel-nojail")
+    if on is None or off is None:
+        return ""
+    return (f"Jail cost (median with the jail − median with `--no-jail`): "
+            f"{(on - off) * 1000:+.1f} ms.\n\n")
 
 
 def fmt(x, nd):
@@ -612,7 +627,7 @@ def main():
                  (guests["first_io"], "first_io.elf"), (keel, "keel"), (qemu, "qemu-system-x86_64")]
         sections.append(
             "### (a) launch → first guest I/O exit (tiny PVH guest `bench/guests/first_io.S`)\n\n"
-            + table(vs, "t_exit", 4) + failure_notes(vs) + "\n\n"
+            + table(vs, "t_exit", 4) + failure_notes(vs) + "\n\n" + jail_cost(vs)
             f"Time from spawn to VMM process exit; {runs_a} timed runs per variant, after one "
             "untimed warm-up run each.\n"
             + "\n".join(argv_doc(v, subst) for v in vs))

@@ -2,6 +2,7 @@
 
 mod ctl;
 mod host_check;
+mod jailed;
 mod terminal;
 
 use clap::{Parser, Subcommand};
@@ -99,6 +100,23 @@ struct RunArgs {
     /// Listen for control requests (e.g. the balloon target) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Run the VMM without its jail (namespaces, pivot_root, unprivileged uid): for
+    /// debugging only.
+    #[arg(long)]
+    no_jail: bool,
+    /// Directory below which each VM's jail root is mounted (as <DIR>/vm-<PID>).
+    #[arg(long, value_name = "DIR", default_value = jailed::DEFAULT_JAIL_DIR)]
+    jail_dir: PathBuf,
+    /// The uid the jailed VMM runs as (default: one of its own, 0x4b000000 + keel's PID).
+    #[arg(long, value_name = "UID")]
+    jail_uid: Option<u32>,
+    /// The gid the jailed VMM runs as (default: like the uid).
+    #[arg(long, value_name = "GID")]
+    jail_gid: Option<u32>,
+    /// Join this network namespace (e.g. /var/run/netns/NAME) instead of a new, empty one;
+    /// taps are then created there.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// Seconds the guest gets to power off after SIGTERM presses its power button.
     #[arg(long, value_name = "SECS", default_value_t = keel_vmm::config::DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     shutdown_timeout: u32,
@@ -193,13 +211,25 @@ fn run(args: RunArgs) -> ExitCode {
         api_socket: args.api_socket,
         shutdown_timeout_secs: args.shutdown_timeout,
     };
-    let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
-    let io = VmIo {
-        serial_out: Box::new(std::io::stdout()),
-        console_in: stdin,
-        console_escape: true,
+    let io = || {
+        let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
+        VmIo {
+            serial_out: Box::new(std::io::stdout()),
+            console_in: stdin,
+            console_escape: true,
+        }
     };
-    let vmm = match Vmm::new(config, io) {
+    if !args.no_jail {
+        let opts = jailed::JailOptions {
+            dir: args.jail_dir,
+            uid: args.jail_uid,
+            gid: args.jail_gid,
+            netns: args.netns,
+        };
+        return jailed::run(config, io, opts);
+    }
+    tracing::warn!("--no-jail: the VMM runs with all of this process's privileges");
+    let vmm = match Vmm::new(config, io()) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("keel: {e}");
@@ -210,6 +240,11 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("keel: {e}");
         return ExitCode::from(1);
     }
+    run_vmm(vmm)
+}
+
+/// Runs a built VM on this terminal and turns its outcome into the exit status.
+pub(crate) fn run_vmm(vmm: Vmm) -> ExitCode {
     // Raw mode only for an interactive console; restored when the guard drops, before the
     // summary is printed.
     let raw = terminal::RawMode::enable_on_stdin();

@@ -37,3 +37,28 @@ impl Drop for RawMode {
         unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, &self.saved) };
     }
 }
+
+/// The terminal's settings as they were, put back on drop: for the supervisor of a VMM that
+/// may die (killed by the kernel) with the terminal still raw.
+pub struct Saved {
+    _restore: RawMode,
+}
+
+impl Saved {
+    pub fn capture() -> Option<Saved> {
+        let fd = std::io::stdin().as_raw_fd();
+        // SAFETY: isatty on a valid fd number has no memory effects.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; zeroed is a valid value that tcgetattr overwrites.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios to fill for a terminal fd.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        Some(Saved {
+            _restore: RawMode { saved },
+        })
+    }
+}

@@ -2,6 +2,9 @@
 //! power-off and reboot end `keel run` with 0 and a summary; SIGTERM stops a VM cleanly.
 //! Tests that boot a guest are reported as ignored (skipped) when /dev/kvm is unusable.
 
+#[allow(dead_code)]
+mod support;
+
 use keel_guest_kit::KitImage;
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::process::{Command, Output, Stdio};
@@ -309,8 +312,10 @@ fn cgroup_limits_test() -> Result<(), Failed> {
         .spawn()
         .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(500));
+    // The cgroup is named for keel (the supervisor) and holds the VMM, its jailed child.
     let pid = child.id();
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let vmm = support::vmm_pid(pid);
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap_or_default();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let checks = (|| -> Result<Vec<String>, String> {
         let mut dirs = Vec::new();

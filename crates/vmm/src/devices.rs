@@ -19,6 +19,8 @@ pub(crate) struct DeviceHandles {
     /// Names of the PCI devices, in slot order, for logs.
     pub names: Vec<String>,
     pub balloon: Option<Arc<dyn crate::api::BalloonControl>>,
+    /// Where the vsock device listens for host connections (and finds guest-port sockets).
+    pub vsock_socket: Option<std::path::PathBuf>,
 }
 
 struct Builder<'a> {
@@ -96,6 +98,7 @@ pub(crate) fn build_pci(
             path.display()
         );
         b.add(Box::new(dev))?;
+        b.handles.vsock_socket = Some(path);
     }
     if config.balloon {
         let (mut balloon, handle) = keel_virtio::balloon::Balloon::new(true);
@@ -194,14 +197,22 @@ fn net_device(net: &NetConfig) -> Result<keel_virtio::net::Net, VmmError> {
     Ok(dev)
 }
 
-/// `/run/keel/vsock-cid<N>.sock` when `--vsock` names no socket.
+/// `/run/keel/cid<N>/vsock.sock` when `--vsock` names no socket: a directory per VM, so a
+/// jailed VMM that must reach its own guest-port sockets sees no other VM's.
 fn default_vsock_socket(cid: u32) -> Result<std::path::PathBuf, VmmError> {
-    let dir = std::path::Path::new("/run/keel");
-    std::fs::create_dir_all(dir).map_err(|source| VmmError::Io {
-        what: "creating /run/keel for the vsock socket",
-        source,
-    })?;
-    Ok(dir.join(format!("vsock-cid{cid}.sock")))
+    let path = default_vsock_socket_path(cid);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| VmmError::Io {
+            what: "creating /run/keel/cid<N> for the vsock socket",
+            source,
+        })?;
+    }
+    Ok(path)
+}
+
+/// The default vsock socket of the VM with guest CID `cid`.
+pub fn default_vsock_socket_path(cid: u32) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/run/keel/cid{cid}/vsock.sock"))
 }
 
 #[cfg(test)]

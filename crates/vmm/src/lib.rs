@@ -19,7 +19,8 @@ mod runner;
 mod vm;
 
 pub use config::{parse_size, VmConfig};
+pub use devices::default_vsock_socket_path;
 pub use error::VmmError;
 pub use exit::{ExitReason, ExitStats, Outcome};
 pub use runner::install_stop_signal_handlers;
-pub use vm::{BootInfo, StopHandle, VmIo, Vmm};
+pub use vm::{BootInfo, HostPath, StopHandle, VmIo, Vmm};

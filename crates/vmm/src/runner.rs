@@ -247,6 +247,7 @@ impl Vmm {
             power_button,
             pci,
             api_listener,
+            statm,
             // Held to the end of `run`: the cgroup is left and removed after every thread.
             _cgroup: cgroup,
             console_in,
@@ -266,6 +267,7 @@ impl Vmm {
                         vmm_rss_bytes: 0,
                     },
                     balloon: pci.balloon.clone(),
+                    statm,
                 };
                 Some(crate::api::ApiServer::start(
                     l,

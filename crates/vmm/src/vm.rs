@@ -17,6 +17,7 @@ use keel_devices::{Bus, PlatformEvents};
 use keel_hypervisor::{HostInfo, Hypervisor, MemorySlot, Vcpu, Vm};
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -86,10 +87,22 @@ pub struct Vmm {
     pub(crate) power_button: EventFd,
     pub(crate) pci: crate::devices::DeviceHandles,
     pub(crate) api_listener: Option<std::os::unix::net::UnixListener>,
+    pub(crate) statm: Option<std::fs::File>,
     /// Left (and removed) when the VMM is dropped.
     pub(crate) _cgroup: Option<keel_cgroup::VmCgroup>,
     pub(crate) console_in: Option<OwnedFd>,
     pub(crate) console_escape: bool,
+}
+
+/// One thing on the host a running VM uses (see [`Vmm::host_paths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPath {
+    /// A file (kernel, initrd, disk image, socket).
+    File { path: PathBuf, writable: bool },
+    /// A device node.
+    Device(PathBuf),
+    /// A directory the VMM makes or reaches sockets in.
+    Dir(PathBuf),
 }
 
 impl Vmm {
@@ -178,6 +191,7 @@ impl Vmm {
             Some(p) => Some(crate::api::bind(p)?),
             None => None,
         };
+        let statm = api_listener.as_ref().and_then(|_| crate::api::open_statm());
         let stop = Arc::new(StopState::new()?);
         let VmIo {
             serial_out,
@@ -216,6 +230,7 @@ impl Vmm {
             power_button: devices.power_button,
             pci,
             api_listener,
+            statm,
             _cgroup: cgroup,
             console_in,
             console_escape,
@@ -226,6 +241,45 @@ impl Vmm {
     /// What was built.
     pub fn boot_info(&self) -> &BootInfo {
         &self.boot
+    }
+
+    /// The host files, devices and directories this VM uses, for a jail to hold: everything
+    /// is open already; the paths are what the VMM knows them by.
+    pub fn host_paths(&self) -> Vec<HostPath> {
+        let c = &self.config;
+        let mut v = vec![
+            HostPath::Device("/dev/kvm".into()),
+            HostPath::File {
+                path: c.kernel.clone(),
+                writable: false,
+            },
+        ];
+        if let Some(i) = &c.initrd {
+            v.push(HostPath::File {
+                path: i.clone(),
+                writable: false,
+            });
+        }
+        for d in &c.disks {
+            v.push(HostPath::File {
+                path: d.path.clone(),
+                writable: !d.read_only,
+            });
+        }
+        if !c.nets.is_empty() {
+            v.push(HostPath::Device("/dev/net/tun".into()));
+        }
+        if let Some(p) = &c.api_socket {
+            v.push(HostPath::File {
+                path: p.clone(),
+                writable: true,
+            });
+        }
+        // Guest-initiated vsock connections reach `<socket>_<port>` beside the socket.
+        if let Some(dir) = self.pci.vsock_socket.as_ref().and_then(|p| p.parent()) {
+            v.push(HostPath::Dir(dir.to_path_buf()));
+        }
+        v
     }
 
     pub fn config(&self) -> &VmConfig {

@@ -60,3 +60,25 @@ pub fn skip_all(trials: Vec<Trial>, what: &str, why: Option<&str>) -> Vec<Trial>
         .map(|t| t.with_ignored_flag(true))
         .collect()
 }
+
+/// The VMM process of the `keel run` with PID `keel`: its jailed child, or `keel` itself
+/// under `--no-jail`. Waits up to 10 s for the child to appear.
+#[allow(dead_code)]
+pub fn vmm_pid(keel: u32) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{keel}/task/{keel}/children"))
+            .unwrap_or_default();
+        if let Some(c) = children
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+        {
+            return c;
+        }
+        if std::time::Instant::now() > deadline {
+            return keel;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
