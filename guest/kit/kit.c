@@ -16,6 +16,7 @@
 
 #include "kit.h"
 #include "virtio.h"
+#include "limits.h"
 
 #define KIT_PVH 1
 #define KIT_LINUX64 2
@@ -463,6 +464,8 @@ void kit_main(u64 info, int proto) {
         {"io", test_io},       {"mmio", test_mmio},     {"hlt", test_hlt},   {"console", test_console},
         {"pci-enum", test_pci_enum},         {"virtio-rng", test_virtio_rng},
         {"virtio-blk", test_virtio_blk},     {"virtio-hostile", test_virtio_hostile},
+        {"spin", test_spin},                 {"cpu-job", test_cpu_job},
+        {"touch-ram", test_touch_ram},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {

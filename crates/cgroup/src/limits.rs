@@ -84,6 +84,13 @@ impl Limits {
         }
         if let Some(m) = self.memory_max {
             write(&dir.join("memory.max"), &m.to_string())?;
+            // The limit is on RAM: without this a host with swap would page the guest out
+            // instead of stopping the VM at its limit. (No file: the kernel has no swap
+            // accounting, so there is nothing to turn off.)
+            let swap = dir.join("memory.swap.max");
+            if swap.exists() {
+                write(&swap, "0")?;
+            }
         }
         if let Some(n) = self.pids_max {
             write(&dir.join("pids.max"), &n.to_string())?;
@@ -120,6 +127,13 @@ impl Limits {
             "memory" => {
                 if let Some(m) = self.memory_max {
                     write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+                    // RAM + swap capped at the same value: no swapping past the limit (the
+                    // file exists only with swap accounting; written after the RAM limit,
+                    // which it may not be below).
+                    let memsw = dir.join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        write(&memsw, &m.to_string())?;
+                    }
                 }
             }
             "pids" => {

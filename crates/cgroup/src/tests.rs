@@ -157,6 +157,12 @@ fn real_cgroup_limits_membership_and_cleanup() {
     }
     let mem = read("memory.limit_in_bytes") + &read("memory.max");
     assert_eq!(mem.trim(), (64u64 << 20).to_string());
+    // No swapping past the limit, where the kernel accounts swap at all.
+    let memsw = read("memory.memsw.limit_in_bytes") + &read("memory.swap.max");
+    assert!(
+        memsw.is_empty() || memsw.trim() == (64u64 << 20).to_string() || memsw.trim() == "0",
+        "swap limit {memsw:?}"
+    );
     assert_eq!(read("pids.max").trim(), "64");
     let mut child = Command::new("sleep").arg("30").spawn().unwrap();
     cg.add(child.id()).unwrap();

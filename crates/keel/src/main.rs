@@ -70,7 +70,9 @@ struct RunArgs {
     /// The VM's share of contended CPU time, 1-10000 (100 is every process's default).
     #[arg(long, value_name = "WEIGHT", value_parser = clap::value_parser!(u32).range(1..=10000))]
     cpu_weight: Option<u32>,
-    /// Hard memory limit for the whole VMM process (guest RAM plus Keel's own), e.g. 600M.
+    /// Hard memory limit for the whole VMM process, e.g. 600M: allow guest RAM plus 32 MiB
+    /// for Keel's own memory (~2 MiB measured with no devices). Past it the kernel stops the
+    /// VM; swap does not count as room.
     #[arg(long, value_name = "SIZE", value_parser = memory_size)]
     memory_limit: Option<u64>,
     /// Most threads and processes the VMM may have.
