@@ -30,6 +30,7 @@ const OBJECTS: &[(&str, &str)] = &[
     ("kit.c", "kit.o"),
     ("virtio.c", "virtio.o"),
     ("virtio_hostile.c", "virtio_hostile.o"),
+    ("blk_rate.c", "blk_rate.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -55,6 +56,7 @@ fn main() {
         "virtio.h",
         "virtio_dev.h",
         "virtio_hostile.c",
+        "blk_rate.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }
