@@ -77,6 +77,14 @@ pub(crate) fn build_pci(
         let mut budgets = Vec::new();
         budgets.extend(budget("--disk", &disk.rate_limit)?);
         budgets.extend(vm_io.clone());
+        if !disk.rate_limit.is_unlimited() || vm_io.is_some() {
+            tracing::info!(
+                "disk {}: rate limited (own: {:?}; VM-wide: {:?})",
+                disk_name(i),
+                disk.rate_limit,
+                config.io_limit
+            );
+        }
         b.add(Box::new(block_device(i, disk)?.with_rate_limit(budgets)))?;
     }
     for net in &config.nets {
