@@ -31,6 +31,7 @@ const OBJECTS: &[(&str, &str)] = &[
     ("virtio.c", "virtio.o"),
     ("virtio_hostile.c", "virtio_hostile.o"),
     ("limits.c", "limits.o"),
+    ("blk_rate.c", "blk_rate.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -58,6 +59,7 @@ fn main() {
         "virtio_hostile.c",
         "limits.c",
         "limits.h",
+        "blk_rate.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }

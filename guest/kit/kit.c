@@ -11,7 +11,7 @@
  * another exit). Every check reports; nothing here loops forever without a bound.
  *
  * The PCI and virtio tests (pci-enum, virtio-rng, virtio-blk, virtio-hostile) and the kit's
- * virtio driver are in virtio.c; kit.h has what the two files share.
+ * virtio driver are in virtio.c (blk-read-rate in blk_rate.c); kit.h has what they share.
  */
 
 #include "kit.h"
@@ -466,6 +466,7 @@ void kit_main(u64 info, int proto) {
         {"virtio-blk", test_virtio_blk},     {"virtio-hostile", test_virtio_hostile},
         {"spin", test_spin},                 {"cpu-job", test_cpu_job},
         {"touch-ram", test_touch_ram},
+        {"blk-read-rate", test_blk_read_rate},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {

@@ -15,5 +15,7 @@ void test_virtio_rng(struct boot *b);
 void test_virtio_blk(struct boot *b);
 /* test=virtio-hostile: garbage registers, bad descriptors and rings, MSI-X abuse. */
 void test_virtio_hostile(struct boot *b);
+/* test=blk-read-rate: reads the whole disk between two markers, for timing (blk_rate.c). */
+void test_blk_read_rate(struct boot *b);
 
 #endif

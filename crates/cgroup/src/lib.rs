@@ -7,11 +7,13 @@
 //! a process in; dropping the [`VmCgroup`] moves the calling process back out (if it is
 //! inside) and removes the directories.
 
+mod blockdev;
 mod layout;
 mod limits;
 
+pub use blockdev::block_device_of;
 pub use layout::{Hierarchy, Layout};
-pub use limits::Limits;
+pub use limits::{IoLimit, Limits};
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,7 @@ mod jailed;
 mod terminal;
 
 use clap::{Parser, Subcommand};
+use keel_rate_limiter::{BucketConfig, RateLimitConfig};
 use keel_vmm::device_config::{DiskConfig, NetConfig, VsockConfig};
 use keel_vmm::{parse_size, VmConfig, VmIo, Vmm};
 use std::os::fd::{AsFd, OwnedFd};
@@ -78,15 +79,28 @@ struct RunArgs {
     /// Most threads and processes the VMM may have.
     #[arg(long, value_name = "N")]
     pids_max: Option<u64>,
+    /// Limit the data all of the VM's disks move together, bytes per second (e.g. 20M), with
+    /// a 100 ms burst. Enforced by Keel on the guest's requests (one budget shared by the
+    /// disks) and, where a disk image lives on a real block device, by the cgroup I/O
+    /// throttle on that device (reads and writes each). Each disk's own bps= applies too.
+    #[arg(long, value_name = "RATE", value_parser = positive_size)]
+    io_bps: Option<u64>,
+    /// Limit the requests all of the VM's disks make together, per second; enforced the same
+    /// way as --io-bps. Each disk's own iops= applies too.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    io_iops: Option<u64>,
     /// Back all guest memory with host RAM before the guest starts.
     #[arg(long)]
     prefault: bool,
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
-    /// is /dev/vda.
+    /// is /dev/vda. Its own limits: bps=RATE (bytes/s, e.g. 10M), iops=N, and their bursts
+    /// bps_burst=SIZE, iops_burst=N (default: 100 ms worth).
     #[arg(long = "disk", value_name = "path=IMG,...", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
     /// A virtio-net NIC on a tap device: [tap=NAME][,mac=MAC]. Repeatable; without tap=,
-    /// Keel creates one.
+    /// Keel creates one. Limits per direction (rx: to the guest, tx: from it): rx_bps=RATE,
+    /// tx_bps=RATE (bytes/s, e.g. 1M), rx_pps=N, tx_pps=N (frames/s), and bursts
+    /// rx_bps_burst=, tx_bps_burst=, rx_pps_burst=, tx_pps_burst=.
     #[arg(long = "net", value_name = "tap=NAME,...", value_parser = NetConfig::parse)]
     nets: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N[,socket=PATH] (host connections through the Unix
@@ -143,13 +157,69 @@ fn limits(args: &RunArgs) -> Option<keel_cgroup::Limits> {
         cpu_weight: args.cpu_weight,
         memory_max: args.memory_limit,
         pids_max: args.pids_max,
-        io: Vec::new(),
+        io: io_throttles(args),
     };
     (!l.controllers().is_empty()).then_some(l)
 }
 
+/// The cgroup I/O throttles for --io-bps/--io-iops: one per block device holding a disk
+/// image. A disk on something else (tmpfs, overlay) gets none; Keel's own limiter still
+/// holds it to the rate.
+fn io_throttles(args: &RunArgs) -> Vec<keel_cgroup::IoLimit> {
+    let mut out: Vec<keel_cgroup::IoLimit> = Vec::new();
+    if args.io_bps.is_none() && args.io_iops.is_none() {
+        return out;
+    }
+    for disk in &args.disks {
+        match keel_cgroup::block_device_of(&disk.path) {
+            Ok(Some((major, minor))) => {
+                if out.iter().any(|l| (l.major, l.minor) == (major, minor)) {
+                    continue;
+                }
+                tracing::info!(
+                    "--io-bps/--io-iops: cgroup I/O throttle on block device {major}:{minor} \
+                     (holds {})",
+                    disk.path.display()
+                );
+                out.push(keel_cgroup::IoLimit {
+                    major,
+                    minor,
+                    read_bps: args.io_bps,
+                    write_bps: args.io_bps,
+                    read_iops: args.io_iops,
+                    write_iops: args.io_iops,
+                });
+            }
+            Ok(None) => tracing::info!(
+                "--io-bps/--io-iops: {} is not on a block device (tmpfs, overlay, ...): no \
+                 cgroup I/O throttle there; Keel's own limit applies",
+                disk.path.display()
+            ),
+            // Opening the disk reports a missing file with its own clear error.
+            Err(e) => tracing::debug!("{}: {e}", disk.path.display()),
+        }
+    }
+    out
+}
+
+/// The VM-wide limit shared by all disks.
+fn io_limit(args: &RunArgs) -> RateLimitConfig {
+    RateLimitConfig {
+        bandwidth: args.io_bps.map(BucketConfig::with_rate),
+        ops: args.io_iops.map(BucketConfig::with_rate),
+    }
+}
+
 pub(crate) fn memory_size(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A size of at least 1 (a rate in bytes per second).
+fn positive_size(s: &str) -> Result<u64, String> {
+    match parse_size(s).map_err(|e| e.to_string())? {
+        0 => Err(format!("'{s}' must be at least 1 byte per second")),
+        n => Ok(n),
+    }
 }
 
 fn main() -> ExitCode {
@@ -196,6 +266,7 @@ fn init_logging(default: &str) {
 
 fn run(args: RunArgs) -> ExitCode {
     let limits = limits(&args);
+    let io_limit = io_limit(&args);
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -211,6 +282,7 @@ fn run(args: RunArgs) -> ExitCode {
         rng: args.rng,
         balloon: args.balloon,
         api_socket: args.api_socket,
+        io_limit,
         shutdown_timeout_secs: args.shutdown_timeout,
     };
     let io = || {

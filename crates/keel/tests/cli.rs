@@ -103,6 +103,46 @@ fn no_kvm_trials() -> Vec<Trial> {
         ),
         usage("missing_required_kernel_flag", &["run"], "--kernel"),
         usage(
+            "io_bps_zero",
+            &["run", "--kernel", "x", "--io-bps", "0"],
+            "at least 1 byte per second",
+        ),
+        usage(
+            "io_bps_not_a_size",
+            &["run", "--kernel", "x", "--io-bps", "fast"],
+            "not a size",
+        ),
+        usage(
+            "io_iops_zero",
+            &["run", "--kernel", "x", "--io-iops", "0"],
+            "--io-iops",
+        ),
+        usage(
+            "disk_bps_zero",
+            &["run", "--kernel", "x", "--disk", "path=a,bps=0"],
+            "bps=0: must be at least 1",
+        ),
+        usage(
+            "disk_iops_not_a_number",
+            &["run", "--kernel", "x", "--disk", "path=a,iops=lots"],
+            "iops=lots: not a whole number",
+        ),
+        usage(
+            "disk_burst_without_rate",
+            &["run", "--kernel", "x", "--disk", "path=a,bps_burst=1M"],
+            "add bps=",
+        ),
+        usage(
+            "net_rate_not_a_size",
+            &["run", "--kernel", "x", "--net", "tx_bps=1Q"],
+            "tx_bps=1Q",
+        ),
+        usage(
+            "net_pps_zero",
+            &["run", "--kernel", "x", "--net", "rx_pps=0"],
+            "rx_pps=0",
+        ),
+        usage(
             "unknown_flag",
             &["run", "--kernel", "x", "--frobnicate"],
             "--frobnicate",

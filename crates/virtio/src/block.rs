@@ -1,6 +1,10 @@
 //! virtio-blk (virtio 1.2 §5.2) on a [`keel_block::DiskImage`], with requests running
 //! asynchronously on a [`keel_block::IoEngine`] so several are in flight at once and the
 //! device thread only parses and completes.
+//!
+//! With a rate limit (bytes and requests per second, [`keel_rate_limiter`]) a request the
+//! budget cannot pay for is left in the avail ring — nothing lost, nothing reordered — and
+//! the thread waits on the limiter's timerfd before it looks at the ring again.
 
 use crate::device::read_config_bytes;
 use crate::{
@@ -8,6 +12,7 @@ use crate::{
     VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
 };
 use keel_block::{DiskImage, EngineConfig, IoEngine, Request, RequestKind, DEVICE_ID_LEN};
+use keel_rate_limiter::{Budget, RateLimiter};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -47,6 +52,8 @@ pub struct Block {
     image: Arc<dyn DiskImage>,
     name: String,
     engine: EngineConfig,
+    /// Budgets every request is charged to (its own, a VM-wide one); empty: unlimited.
+    rate_limit: Vec<Budget>,
     worker: Option<Worker>,
 }
 
@@ -57,8 +64,16 @@ impl Block {
             image,
             name,
             engine,
+            rate_limit: Vec::new(),
             worker: None,
         }
+    }
+
+    /// Charges every request to each of `budgets` (1 operation, and its data bytes for reads
+    /// and writes; flush and GET_ID are free). The budgets outlive driver resets.
+    pub fn with_rate_limit(mut self, budgets: Vec<Budget>) -> Self {
+        self.rate_limit = budgets;
+        self
     }
 
     fn config(&self) -> [u8; 60] {
@@ -112,10 +127,18 @@ impl VirtioDevice for Block {
         }
         let engine = IoEngine::new(self.image.clone(), self.engine)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        let sources = vec![
+        let mut sources = vec![
             (event.as_raw_fd(), TOKEN_QUEUE),
             (engine.completion_fd().as_raw_fd(), TOKEN_DONE),
         ];
+        let limiter = if self.rate_limit.iter().all(|b| b.config().is_unlimited()) {
+            None
+        } else {
+            let l = RateLimiter::with_budgets(self.rate_limit.clone())
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            sources.push((l.as_raw_fd(), TOKEN_RATE));
+            Some(l)
+        };
         let handler = BlockHandler {
             mem: ctx.mem,
             queue,
@@ -128,6 +151,7 @@ impl VirtioDevice for Block {
             inflight: Vec::new(),
             active: 0,
             throttled: false,
+            limiter,
         };
         self.worker = Some(
             Worker::spawn(
@@ -148,6 +172,7 @@ impl VirtioDevice for Block {
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_DONE: u64 = 1;
+const TOKEN_RATE: u64 = 2;
 
 /// Guest buffers as plain (address, length) pairs, so a request can outlive the chain.
 #[derive(Debug, Default)]
@@ -239,6 +264,8 @@ struct BlockHandler {
     active: usize,
     /// The queue was left unread because `active` hit the limit.
     throttled: bool,
+    /// When it is blocked, the queue is left unread until its timer fires.
+    limiter: Option<RateLimiter>,
 }
 
 /// What parsing a chain decided.
@@ -259,6 +286,10 @@ impl BlockHandler {
 
     fn serve_queue(&mut self) -> Result<(), DeviceError> {
         let _ = self.event.read();
+        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+            // The timer brings us back; the driver's requests wait in the ring.
+            return Ok(());
+        }
         let mut completed = false;
         loop {
             self.queue
@@ -284,7 +315,6 @@ impl BlockHandler {
                     break;
                 };
                 let head = chain.head_index();
-                popped += 1;
                 let mut readable = Regions::default();
                 let mut writable = Regions::default();
                 let mut order_ok = true;
@@ -297,6 +327,15 @@ impl BlockHandler {
                         readable.0.push((d.addr().0, d.len()));
                     }
                 }
+                if !self.charge(&readable, &writable)? {
+                    // Over budget: put the request back and wait for the limiter's timer.
+                    self.queue.go_to_previous_position();
+                    if completed {
+                        self.notify()?;
+                    }
+                    return Ok(());
+                }
+                popped += 1;
                 completed |= self.start(head, readable, writable, order_ok)?;
             }
             if !crate::rearm(&mut self.queue, &self.mem, 0, popped)? {
@@ -307,6 +346,39 @@ impl BlockHandler {
             self.notify()?;
         }
         Ok(())
+    }
+
+    /// Charges a request to the rate limiter: false if it must wait (the limiter's timer is
+    /// armed). Reads and writes cost their data bytes and one operation; flush and GET_ID
+    /// are free; anything else (discard, write-zeroes, garbage) costs one operation.
+    fn charge(&mut self, readable: &Regions, writable: &Regions) -> Result<bool, DeviceError> {
+        let Some(limiter) = &mut self.limiter else {
+            return Ok(true);
+        };
+        let mut hdr = [0u8; 4];
+        let kind = if readable.read(&self.mem, 0, &mut hdr) {
+            Some(u32::from_le_bytes(hdr))
+        } else {
+            None
+        };
+        let (bytes, ops) = match kind {
+            Some(T_IN) => (writable.len().saturating_sub(1), 1),
+            Some(T_OUT) => (readable.len().saturating_sub(HEADER_LEN as u64), 1),
+            Some(T_FLUSH | T_GET_ID) => (0, 0),
+            _ => (0, 1),
+        };
+        limiter
+            .consume_request(bytes, ops)
+            .map_err(|e| DeviceError::Backend(e.to_string()))
+    }
+
+    /// The limiter's timer fired: take the requests left waiting.
+    fn rate_timer(&mut self) -> Result<(), DeviceError> {
+        if let Some(l) = &mut self.limiter {
+            l.event_handled()
+                .map_err(|e| DeviceError::Backend(e.to_string()))?;
+        }
+        self.serve_queue()
     }
 
     /// Parses and starts one request; returns true if it completed at once.
@@ -559,6 +631,7 @@ impl EventHandler for BlockHandler {
     fn handle(&mut self, token: u64) -> Result<(), DeviceError> {
         match token {
             TOKEN_QUEUE => self.serve_queue(),
+            TOKEN_RATE => self.rate_timer(),
             _ => self.complete(),
         }
     }

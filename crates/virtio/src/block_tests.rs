@@ -38,6 +38,10 @@ mod tempdir {
 }
 
 fn rig(read_only: bool) -> Rig {
+    rig_with(read_only, Vec::new())
+}
+
+fn rig_with(read_only: bool, budgets: Vec<Budget>) -> Rig {
     let dir = tempdir::Dir::new();
     let path = dir.0.join("disk.raw");
     let f = std::fs::File::create(&path).unwrap();
@@ -54,7 +58,8 @@ fn rig(read_only: bool) -> Rig {
     .unwrap();
     let mem = memory(4 << 20);
     let q = TestQueue::new(&mem, 0x1000, 64);
-    let mut dev = Block::new(image, "test".into(), EngineConfig::default());
+    let mut dev =
+        Block::new(image, "test".into(), EngineConfig::default()).with_rate_limit(budgets);
     let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irq = Arc::new(TestInterrupt::default());
     dev.activate(ActivateContext {
@@ -225,4 +230,93 @@ fn many_requests_in_flight_complete() {
             i as u8 + 1
         );
     }
+}
+
+/// Publishes `n` 512-byte reads of sectors 0.. at once (heads 0, 3, 6, ...).
+fn publish_reads(r: &mut Rig, n: u16) {
+    for i in 0..n {
+        let hdr = HDR + u64::from(i) * 16;
+        r.header(hdr, T_IN, u64::from(i));
+        r.q.chain(
+            i * 3,
+            &[
+                (hdr, 16, false),
+                (DATA + u64::from(i) * 512, 512, true),
+                (STATUS + u64::from(i), 1, true),
+            ],
+        );
+    }
+    for i in 0..n {
+        r.q.publish(i * 3);
+    }
+    r.event.write(1).unwrap();
+}
+
+#[test]
+fn rate_limited_requests_wait_in_the_ring_and_keep_their_order() {
+    use keel_rate_limiter::{BucketConfig, ManualClock, RateLimitConfig};
+    let clock = Arc::new(ManualClock::default());
+    // 10 requests per second, 2 at once; the clock only moves when the test says.
+    let cfg = RateLimitConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            rate: 10,
+            size: 2,
+            one_time_burst: 0,
+        }),
+    };
+    let budget = Budget::with_clock(&cfg, clock.clone()).unwrap();
+    let mut r = rig_with(false, vec![budget.clone()]);
+    publish_reads(&mut r, 5);
+    r.q.wait_used(2);
+    // The limiter's timer (100 ms of real time) fires, but the simulated clock has not
+    // moved: no tokens, the rest stay in the ring.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(r.q.used_idx(), 2);
+    clock.advance(std::time::Duration::from_millis(100));
+    r.q.wait_used(3);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(r.q.used_idx(), 3);
+    clock.advance(std::time::Duration::from_secs(10));
+    r.q.wait_used(5);
+    let heads: Vec<u32> = (0..5).map(|i| r.q.used(i).0).collect();
+    assert_eq!(heads, [0, 3, 6, 9, 12], "completed out of order");
+    for i in 0..5 {
+        assert_eq!(
+            r.q.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            S_OK
+        );
+    }
+    // Flush is free: it goes while the budget is empty.
+    assert_eq!(budget.available(keel_rate_limiter::TokenKind::Ops), Some(0));
+    assert_eq!(r.request(T_FLUSH, 0, 0, false), S_OK);
+    assert!(!r.irq.broken.load(Ordering::SeqCst));
+}
+
+#[test]
+fn rate_limited_bytes_let_an_oversized_read_through_a_full_bucket() {
+    use keel_rate_limiter::{BucketConfig, ManualClock, RateLimitConfig, TokenKind};
+    let clock = Arc::new(ManualClock::default());
+    let cfg = RateLimitConfig {
+        bandwidth: Some(BucketConfig {
+            rate: 1 << 20,
+            size: 1024,
+            one_time_burst: 0,
+        }),
+        ops: None,
+    };
+    let budget = Budget::with_clock(&cfg, clock.clone()).unwrap();
+    let mut r = rig_with(false, vec![budget.clone()]);
+    // 4 KiB on a 1 KiB bucket: allowed (full bucket), leaving 3 KiB of debt.
+    assert_eq!(r.request(T_IN, 0, 4096, true), S_OK);
+    assert_eq!(
+        budget.wait_for(512, 0),
+        std::time::Duration::from_nanos(3_417_969)
+    );
+    assert_eq!(budget.available(TokenKind::Bytes), Some(0));
+    publish_reads(&mut r, 1);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(r.q.used_idx(), 1, "a read went through a bucket in debt");
+    clock.advance(std::time::Duration::from_millis(4));
+    r.q.wait_used(2);
 }

@@ -29,6 +29,10 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Where the VMM listens for control requests.
     pub api_socket: Option<PathBuf>,
+    /// One limit shared by all the VM's disks (`--io-bps`, `--io-iops`), on top of each
+    /// disk's own.
+    #[serde(default)]
+    pub io_limit: keel_rate_limiter::RateLimitConfig,
     /// cgroup limits for the VMM process (CPU, memory, pids); `None`: no cgroup of its own.
     pub limits: Option<keel_cgroup::Limits>,
     /// After SIGTERM presses the power button, how long the guest gets to power off before
@@ -60,6 +64,7 @@ impl VmConfig {
             rng: false,
             balloon: false,
             api_socket: None,
+            io_limit: keel_rate_limiter::RateLimitConfig::default(),
             limits: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }

@@ -9,6 +9,7 @@ use keel_hypervisor::Vm;
 use keel_pci::{
     BarAllocator, KvmMsiRouter, MsiRouter, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot,
 };
+use keel_rate_limiter::{Budget, RateLimitConfig};
 use keel_virtio::{IoEvents, VirtioDevice, VirtioPciDevice};
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
@@ -72,8 +73,21 @@ pub(crate) fn build_pci(
         root: PciRoot::new(),
         handles: DeviceHandles::default(),
     };
+    // One budget all disks draw on, made once; each disk's own budget comes first.
+    let vm_io = budget("--io-bps/--io-iops", &config.io_limit)?;
     for (i, disk) in config.disks.iter().enumerate() {
-        b.add(Box::new(block_device(i, disk)?))?;
+        let mut budgets = Vec::new();
+        budgets.extend(budget("--disk", &disk.rate_limit)?);
+        budgets.extend(vm_io.clone());
+        if !disk.rate_limit.is_unlimited() || vm_io.is_some() {
+            tracing::info!(
+                "disk {}: rate limited (own: {:?}; VM-wide: {:?})",
+                disk_name(i),
+                disk.rate_limit,
+                config.io_limit
+            );
+        }
+        b.add(Box::new(block_device(i, disk)?.with_rate_limit(budgets)))?;
     }
     for net in &config.nets {
         b.add(Box::new(net_device(net)?))?;
@@ -125,6 +139,17 @@ pub(crate) fn build_pci(
         PCI_MMIO_SIZE,
     )?;
     Ok(b.handles)
+}
+
+/// A budget for `limit`, or `None` when it limits nothing.
+fn budget(what: &str, limit: &RateLimitConfig) -> Result<Option<Budget>, VmmError> {
+    if limit.is_unlimited() {
+        return Ok(None);
+    }
+    Budget::new(limit).map(Some).map_err(|e| VmmError::Device {
+        name: what.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// The guest's name for disk `index` (vda, vdb, ... vdz, vdaa ...), as Linux assigns them in
@@ -189,7 +214,12 @@ fn net_device(net: &NetConfig) -> Result<keel_virtio::net::Net, VmmError> {
     let tap = keel_net::Tap::open(net.tap.as_deref()).map_err(|e| bad(e.to_string()))?;
     let name = tap.name().to_string();
     let created = tap.created_by_keel();
-    let dev = keel_virtio::net::Net::new(tap, mac).map_err(|e| bad(format!("tap {name}: {e}")))?;
+    let dev = keel_virtio::net::Net::new(tap, mac)
+        .map_err(|e| bad(format!("tap {name}: {e}")))?
+        .with_rate_limits(
+            budget("--net", &net.rx_limit)?,
+            budget("--net", &net.tx_limit)?,
+        );
     tracing::info!(
         "net: tap {name}{} mac {mac}",
         if created { " (created by Keel)" } else { "" }

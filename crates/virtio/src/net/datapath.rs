@@ -5,12 +5,18 @@
 //! the worker's: when the guest has no receive buffers the tap is taken out of that set, so
 //! the thread sleeps until the driver posts buffers instead of waking for every frame it
 //! cannot place.
+//!
+//! Each direction may have a rate limit (bytes and frames per second). Transmit: a chain
+//! over budget stays in the avail ring. Receive: a frame read over budget is held (like one
+//! waiting for buffers) and the tap is left alone, so the rest wait in the tap's queue. Both
+//! resume when their limiter's timerfd fires (two more event sources).
 
 use super::{count, NetStats, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE};
 use crate::{
     ActivateContext, ActivateError, Chain, DeviceError, EventHandler, GuestMemory, VirtioInterrupt,
 };
 use keel_net::{Tap, VNET_HDR_LEN};
+use keel_rate_limiter::RateLimiter;
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,6 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const TAP_TOKEN: u64 = 2;
+const RX_RATE_TOKEN: u64 = 3;
+const TX_RATE_TOKEN: u64 = 4;
 
 /// Most frames moved per direction per wake-up, so a flood one way cannot starve the other:
 /// the thread goes back to epoll, which hands it every ready source in turn.
@@ -94,6 +102,7 @@ impl NetHandler {
         stats: Arc<NetStats>,
         mrg_rxbuf: bool,
         guest_csum: bool,
+        limiters: super::Limiters,
     ) -> Result<(NetHandler, Vec<(RawFd, u64)>), ActivateError> {
         let mut queues = ctx.queues.into_iter();
         let mut events = ctx.queue_events.into_iter();
@@ -112,11 +121,17 @@ impl NetHandler {
                 EpollEvent::new(EventSet::IN, TAP_TOKEN),
             )
             .map_err(|e| backend("watching the tap", e))?;
-        let sources = vec![
+        let mut sources = vec![
             (rx_event.as_raw_fd(), RX_TOKEN),
             (tx_event.as_raw_fd(), TX_TOKEN),
             (tap_poll.as_raw_fd(), TAP_TOKEN),
         ];
+        if let Some(l) = &limiters.rx {
+            sources.push((l.as_raw_fd(), RX_RATE_TOKEN));
+        }
+        if let Some(l) = &limiters.tx {
+            sources.push((l.as_raw_fd(), TX_RATE_TOKEN));
+        }
         let handler = NetHandler {
             shared: Shared {
                 mem: ctx.mem,
@@ -138,10 +153,13 @@ impl NetHandler {
                 chains: Vec::new(),
                 deferred: Vec::new(),
                 used: false,
+                limiter: limiters.rx,
+                charged: false,
             },
             tx: Tx {
                 queue: tx_queue,
                 event: tx_event,
+                limiter: limiters.tx,
             },
         };
         Ok((handler, sources))
@@ -154,6 +172,10 @@ impl EventHandler for NetHandler {
         match token {
             RX_TOKEN => {
                 let _ = self.rx.event.read();
+                if blocked(&self.rx.limiter) {
+                    // The limiter's timer brings the receive side back.
+                    return Ok(());
+                }
                 self.rx.listen(&self.shared, true)?;
                 self.rx.process(&self.shared)
             }
@@ -162,9 +184,42 @@ impl EventHandler for NetHandler {
                 self.tx.process(&self.shared)
             }
             TAP_TOKEN => self.rx.process(&self.shared),
+            RX_RATE_TOKEN => {
+                timer_fired(&mut self.rx.limiter)?;
+                self.rx.listen(&self.shared, true)?;
+                self.rx.process(&self.shared)
+            }
+            TX_RATE_TOKEN => {
+                timer_fired(&mut self.tx.limiter)?;
+                self.tx.process(&self.shared)
+            }
             _ => Ok(()),
         }
     }
+}
+
+fn blocked(limiter: &Option<RateLimiter>) -> bool {
+    limiter.as_ref().is_some_and(RateLimiter::is_blocked)
+}
+
+fn timer_fired(limiter: &mut Option<RateLimiter>) -> Result<(), DeviceError> {
+    match limiter {
+        Some(l) => l
+            .event_handled()
+            .map_err(|e| DeviceError::Backend(e.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Charges one frame of `len` bytes (virtio-net header included) to `limiter`: false if it
+/// must wait for the limiter's timer. The header is not charged.
+fn charge(limiter: &mut Option<RateLimiter>, len: usize) -> Result<bool, DeviceError> {
+    let Some(l) = limiter else {
+        return Ok(true);
+    };
+    let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
+    l.consume_request(bytes, 1)
+        .map_err(|e| DeviceError::Backend(e.to_string()))
 }
 
 /// The next available chain, if any. An available index too far ahead is a malformed ring.
@@ -206,11 +261,15 @@ fn give_back(
 struct Tx {
     queue: Queue,
     event: EventFd,
+    limiter: Option<RateLimiter>,
 }
 
 impl Tx {
     /// Sends every chain the driver made available, up to [`BUDGET`] of them.
     fn process(&mut self, sh: &Shared) -> Result<(), DeviceError> {
+        if blocked(&self.limiter) {
+            return Ok(());
+        }
         let err = queue_err(TX_QUEUE);
         let mem = &sh.mem;
         // Reused across frames: the pieces of one frame, pointing into guest memory.
@@ -231,8 +290,16 @@ impl Tx {
                     break;
                 };
                 let head = chain.head_index();
-                let res = gather(chain, mem, &mut iov)
-                    .and_then(|len| send(&sh.tap, &iov).map(|r| (len, r)));
+                let res = gather(chain, mem, &mut iov);
+                if let Ok(len) = res {
+                    if !charge(&mut self.limiter, len)? {
+                        // Over budget: the chain goes back to the ring until the timer.
+                        iov.clear();
+                        self.queue.go_to_previous_position();
+                        break 'outer;
+                    }
+                }
+                let res = res.and_then(|len| send(&sh.tap, &iov).map(|r| (len, r)));
                 iov.clear();
                 match res {
                     Ok((len, Ok(()))) => {
@@ -363,6 +430,9 @@ struct Rx {
     deferred: Vec<u16>,
     /// Something went into the used ring since the last interrupt decision.
     used: bool,
+    limiter: Option<RateLimiter>,
+    /// The frame in `pending` has been charged to the limiter already.
+    charged: bool,
 }
 
 impl Rx {
@@ -390,6 +460,9 @@ impl Rx {
     /// Moves frames from the tap to the guest until the tap is empty, the guest has no room
     /// (then the tap is left alone until the driver posts buffers) or [`BUDGET`] is spent.
     fn process(&mut self, sh: &Shared) -> Result<(), DeviceError> {
+        if blocked(&self.limiter) {
+            return Ok(());
+        }
         let err = queue_err(RX_QUEUE);
         self.queue.disable_notification(&sh.mem).map_err(&err)?;
         self.used = false;
@@ -407,8 +480,21 @@ impl Rx {
                     Read::Empty => break,
                 },
             };
+            if !self.charged {
+                if !charge(&mut self.limiter, len)? {
+                    // Over budget: hold this frame, leave the rest in the tap, and wait
+                    // for the limiter's timer.
+                    self.pending = Some(len);
+                    self.listen(sh, false)?;
+                    break;
+                }
+                self.charged = true;
+            }
             match self.place(sh, len)? {
-                Placed::Delivered | Placed::Dropped => frames += 1,
+                Placed::Delivered | Placed::Dropped => {
+                    frames += 1;
+                    self.charged = false;
+                }
                 Placed::NoRoom { start } => {
                     self.pending = Some(len);
                     // Ask to be told of new buffers: past the ones already looked at, which

@@ -28,6 +28,7 @@ use crate::{
 };
 use datapath::NetHandler;
 use keel_net::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
+use keel_rate_limiter::{Budget, RateLimiter};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -164,7 +165,16 @@ pub struct Net {
     tap_offloads: Offloads,
     features: u64,
     stats: Arc<NetStats>,
+    /// Receive and transmit budgets (bytes and frames per second); `None`: unlimited.
+    rx_limit: Option<Budget>,
+    tx_limit: Option<Budget>,
     worker: Option<Worker>,
+}
+
+/// One activation's limiters (each with its own timerfd), for the device thread.
+pub(crate) struct Limiters {
+    pub(crate) rx: Option<RateLimiter>,
+    pub(crate) tx: Option<RateLimiter>,
 }
 
 impl Net {
@@ -201,8 +211,20 @@ impl Net {
             tap_offloads,
             features,
             stats: Arc::default(),
+            rx_limit: None,
+            tx_limit: None,
             worker: None,
         })
+    }
+
+    /// Limits what the guest receives (`rx`) and sends (`tx`): Ethernet bytes (the virtio-net
+    /// header is not counted) and frames per second. Over budget, transmit chains wait in
+    /// their ring and received frames wait in the tap's queue. The budgets outlive resets.
+    pub fn with_rate_limits(mut self, rx: Option<Budget>, tx: Option<Budget>) -> Self {
+        let limited = |b: Option<Budget>| b.filter(|b| !b.config().is_unlimited());
+        self.rx_limit = limited(rx);
+        self.tx_limit = limited(tx);
+        self
     }
 
     /// The device's counters, live.
@@ -302,12 +324,23 @@ impl VirtioDevice for Net {
             ActivateError::Backend(format!("setting the tap's offloads to {offloads:?}: {e}"))
         })?;
         let interrupt = ctx.interrupt.clone();
+        let limiter = |b: &Option<Budget>| {
+            b.as_ref()
+                .map(|b| RateLimiter::with_budgets(vec![b.clone()]))
+                .transpose()
+                .map_err(|e| ActivateError::Backend(e.to_string()))
+        };
+        let limiters = Limiters {
+            rx: limiter(&self.rx_limit)?,
+            tx: limiter(&self.tx_limit)?,
+        };
         let (handler, sources) = NetHandler::new(
             ctx,
             self.tap.clone(),
             self.stats.clone(),
             acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
             acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            limiters,
         )?;
         let worker = Worker::spawn(
             format!("vnet-{}", self.tap.name()),

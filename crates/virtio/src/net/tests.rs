@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod config;
 mod hostile;
+mod rate;
 
 const MEM_SIZE: usize = 4 << 20;
 const QSIZE: u16 = 256;
@@ -198,13 +199,25 @@ impl Rig {
     /// A device whose driver acked `want` (as far as offered), or `None` if taps cannot be
     /// made here.
     fn new(test: &str, want: u64) -> Option<Rig> {
+        Rig::limited(test, want, None, None)
+    }
+
+    /// The same, with receive and transmit budgets.
+    fn limited(
+        test: &str,
+        want: u64,
+        rx: Option<keel_rate_limiter::Budget>,
+        tx: Option<keel_rate_limiter::Budget>,
+    ) -> Option<Rig> {
         let tap = tap_or_skip(test)?;
         let name = tap.name().to_string();
         // No IPv6 autoconfiguration chatter on the link: the tests count frames.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         tap.bring_up().unwrap();
         let sock = PacketSocket::bind(ifindex(&name));
-        let mut net = Net::new(tap, MacAddr::try_from(GUEST_MAC).unwrap()).unwrap();
+        let mut net = Net::new(tap, MacAddr::try_from(GUEST_MAC).unwrap())
+            .unwrap()
+            .with_rate_limits(rx, tx);
         let acked = want & net.features();
         let mem = memory(MEM_SIZE);
         let rx = TestQueue::new(&mem, RX_RINGS, QSIZE);

@@ -194,9 +194,8 @@ impl TempDisk {
 
     fn config(&self) -> DiskConfig {
         DiskConfig {
-            path: self.0.clone(),
             format: Some(DiskFormat::Raw),
-            read_only: false,
+            ..DiskConfig::new(self.0.clone())
         }
     }
 
