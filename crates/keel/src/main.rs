@@ -71,11 +71,11 @@ struct RunArgs {
     /// The VM's share of contended CPU time, 1-10000 (100 is every process's default).
     #[arg(long, value_name = "WEIGHT", value_parser = clap::value_parser!(u32).range(1..=10000))]
     cpu_weight: Option<u32>,
-    /// Hard memory limit for the whole VMM process, e.g. 600M: allow guest RAM plus 32 MiB
-    /// for Keel's own memory (~2 MiB measured with no devices). Past it the kernel stops the
-    /// VM; swap does not count as room.
-    #[arg(long, value_name = "SIZE", value_parser = memory_size)]
-    memory_limit: Option<u64>,
+    /// Hard memory limit for the whole VMM process, e.g. 600M, or `auto`: guest RAM plus
+    /// 32 MiB for Keel's own memory (~2 MiB measured with no devices). Past it the kernel
+    /// stops the VM; swap does not count as room.
+    #[arg(long, value_name = "SIZE|auto", value_parser = memory_limit)]
+    memory_limit: Option<MemoryLimit>,
     /// Most threads and processes the VMM may have.
     #[arg(long, value_name = "N")]
     pids_max: Option<u64>,
@@ -155,7 +155,12 @@ fn limits(args: &RunArgs) -> Option<keel_cgroup::Limits> {
     let l = keel_cgroup::Limits {
         cpu_quota: args.cpu_quota,
         cpu_weight: args.cpu_weight,
-        memory_max: args.memory_limit,
+        memory_max: args.memory_limit.map(|l| match l {
+            MemoryLimit::Auto => args
+                .memory
+                .saturating_add(keel_vmm::config::VMM_MEMORY_OVERHEAD),
+            MemoryLimit::Size(n) => n,
+        }),
         pids_max: args.pids_max,
         io: io_throttles(args),
     };
@@ -208,6 +213,20 @@ fn io_limit(args: &RunArgs) -> RateLimitConfig {
         bandwidth: args.io_bps.map(BucketConfig::with_rate),
         ops: args.io_iops.map(BucketConfig::with_rate),
     }
+}
+
+/// `--memory-limit`: a size, or guest RAM plus Keel's stated overhead.
+#[derive(Clone, Copy, Debug)]
+enum MemoryLimit {
+    Auto,
+    Size(u64),
+}
+
+fn memory_limit(s: &str) -> Result<MemoryLimit, String> {
+    if s == "auto" {
+        return Ok(MemoryLimit::Auto);
+    }
+    memory_size(s).map(MemoryLimit::Size)
 }
 
 pub(crate) fn memory_size(s: &str) -> Result<u64, String> {
