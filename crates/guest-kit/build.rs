@@ -30,6 +30,8 @@ const OBJECTS: &[(&str, &str)] = &[
     ("kit.c", "kit.o"),
     ("virtio.c", "virtio.o"),
     ("virtio_hostile.c", "virtio_hostile.o"),
+    ("chaos.c", "chaos.o"),
+    ("soak.c", "soak.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -55,6 +57,9 @@ fn main() {
         "virtio.h",
         "virtio_dev.h",
         "virtio_hostile.c",
+        "chaos.c",
+        "chaos.h",
+        "soak.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }

@@ -11,11 +11,13 @@
  * another exit). Every check reports; nothing here loops forever without a bound.
  *
  * The PCI and virtio tests (pci-enum, virtio-rng, virtio-blk, virtio-hostile) and the kit's
- * virtio driver are in virtio.c; kit.h has what the two files share.
+ * virtio driver are in virtio.c; kit.h has what the files share. The long-running guests of
+ * the chaos test (chaos, blk-soak) are in chaos.c and soak.c.
  */
 
 #include "kit.h"
 #include "virtio.h"
+#include "chaos.h"
 
 #define KIT_PVH 1
 #define KIT_LINUX64 2
@@ -463,6 +465,7 @@ void kit_main(u64 info, int proto) {
         {"io", test_io},       {"mmio", test_mmio},     {"hlt", test_hlt},   {"console", test_console},
         {"pci-enum", test_pci_enum},         {"virtio-rng", test_virtio_rng},
         {"virtio-blk", test_virtio_blk},     {"virtio-hostile", test_virtio_hostile},
+        {"chaos", test_chaos},               {"blk-soak", test_blk_soak},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
