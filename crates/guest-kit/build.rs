@@ -32,6 +32,8 @@ const OBJECTS: &[(&str, &str)] = &[
     ("virtio_hostile.c", "virtio_hostile.o"),
     ("limits.c", "limits.o"),
     ("blk_rate.c", "blk_rate.o"),
+    ("chaos.c", "chaos.o"),
+    ("soak.c", "soak.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -60,6 +62,9 @@ fn main() {
         "limits.c",
         "limits.h",
         "blk_rate.c",
+        "chaos.c",
+        "chaos.h",
+        "soak.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }

@@ -11,12 +11,15 @@
  * another exit). Every check reports; nothing here loops forever without a bound.
  *
  * The PCI and virtio tests (pci-enum, virtio-rng, virtio-blk, virtio-hostile) and the kit's
- * virtio driver are in virtio.c (blk-read-rate in blk_rate.c); kit.h has what they share.
+ * virtio driver are in virtio.c (blk-read-rate in blk_rate.c); kit.h has what the files
+ * share. The long-running guests of the chaos test (chaos, blk-soak) are in chaos.c and
+ * soak.c; the CPU and memory limit guests (spin, cpu-job, touch-ram) in limits.c.
  */
 
 #include "kit.h"
 #include "virtio.h"
 #include "limits.h"
+#include "chaos.h"
 
 #define KIT_PVH 1
 #define KIT_LINUX64 2
@@ -467,6 +470,7 @@ void kit_main(u64 info, int proto) {
         {"spin", test_spin},                 {"cpu-job", test_cpu_job},
         {"touch-ram", test_touch_ram},
         {"blk-read-rate", test_blk_read_rate},
+        {"chaos", test_chaos},               {"blk-soak", test_blk_soak},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {

@@ -345,7 +345,7 @@ static int rng_request(struct vdev *d) {
 
 /* A virtio-blk request: header, optional data (`dev_writes`: the device writes it), status.
    Returns W_*; the status byte and used length come back through the pointers. */
-static int blk_request(struct vdev *d, u32 type, u64 sector, u64 data, u32 len, int dev_writes,
+int blk_request(struct vdev *d, u32 type, u64 sector, u64 data, u32 len, int dev_writes,
                        u8 *status, u32 *used_len) {
     volatile struct blk_hdr *h = (volatile struct blk_hdr *)d->buf;
     volatile u8 *st = d->buf + 16;

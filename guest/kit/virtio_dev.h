@@ -109,6 +109,9 @@ struct blk_hdr { u32 type, reserved; u64 sector; };
 extern u64 prng;
 
 u64 blk_data(struct vdev *d);
+/* One virtio-blk request (header, optional data, status) on queue 0; returns W_*. */
+int blk_request(struct vdev *d, u32 type, u64 sector, u64 data, u32 len, int dev_writes,
+                u8 *status, u32 *used_len);
 u64 cfg(int slot, u32 off);
 int find_device(u16 device_id, int nth, struct vdev *d, int index);
 void irq_setup(void);

@@ -13,6 +13,7 @@ pub mod device_config;
 mod devices;
 mod error;
 pub mod exit;
+mod memory;
 pub mod quirks;
 mod report;
 mod runner;

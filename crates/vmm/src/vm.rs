@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// COM1.
@@ -152,7 +152,10 @@ impl Vmm {
         let mut vm = hv.create_vm()?;
         vm.create_irqchip()?;
 
-        let mem = create_guest_memory(&mut vm, config.memory)?;
+        let crate::memory::GuestRam {
+            all: mem,
+            devices: device_mem,
+        } = create_guest_memory(&mut vm, config.memory)?;
         if config.prefault {
             prefault(&mem);
         }
@@ -200,7 +203,9 @@ impl Vmm {
         } = io;
         let mut devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
         let mut mmio = Bus::new();
-        let pci = crate::devices::build_pci(&vm, &mem, &config, &mut devices.pio, &mut mmio)?;
+        // Devices get the writable ranges only: the ROM stays read-only from the host side too.
+        let pci =
+            crate::devices::build_pci(&vm, &device_mem, &config, &mut devices.pio, &mut mmio)?;
 
         let mut cpuid = hv.supported_cpuid()?;
         if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
@@ -379,16 +384,13 @@ fn validate_vcpus(vcpus: u32, max: usize) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<crate::memory::GuestRam, VmmError> {
     let ranges = layout::ram_ranges(size);
-    let spec: Vec<(GuestAddress, usize)> = ranges
-        .iter()
-        .map(|r| (GuestAddress(r.start), r.size as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&spec).map_err(|e| VmmError::GuestMemory {
+    let ram = crate::memory::allocate(size).map_err(|reason| VmmError::GuestMemory {
         size: format_size(size),
-        reason: e.to_string(),
+        reason,
     })?;
+    let mem = &ram.all;
     for (region, range) in mem.iter().zip(&ranges) {
         let host_addr = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -399,6 +401,7 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<GuestMemoryMmap, VmmErr
         // SAFETY: `host_addr..+len` is the anonymous mapping of `region`, owned by `mem`.
         // `mem` is moved into `Shared`, which outlives the VM: the `Vmm` drops `vcpus` and the
         // VM handle before the last `Arc<Shared>` can go (vCPU threads are joined in `run`).
+        // The devices' view holds the same regions, which only keeps the mapping longer.
         unsafe {
             vm.map_memory(MemorySlot {
                 guest_addr: region.start_addr().0,
@@ -408,7 +411,7 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<GuestMemoryMmap, VmmErr
             })?;
         }
     }
-    Ok(mem)
+    Ok(ram)
 }
 
 /// Populates every page of guest RAM now (MADV_POPULATE_WRITE, Linux 5.14+; else one
