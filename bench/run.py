@@ -628,7 +628,7 @@ def main():
         sections.append(
             "### (a) launch → first guest I/O exit (tiny PVH guest `bench/guests/first_io.S`)\n\n"
             + table(vs, "t_exit", 4) + failure_notes(vs) + "\n\n" + jail_cost(vs)
-            f"Time from spawn to VMM process exit; {runs_a} timed runs per variant, after one "
+            + f"Time from spawn to VMM process exit; {runs_a} timed runs per variant, after one "
             "untimed warm-up run each.\n"
             + "\n".join(argv_doc(v, subst) for v in vs))
 
