@@ -10,6 +10,7 @@ pub mod bus;
 pub mod cmos;
 pub mod debug_port;
 pub mod i8042;
+pub mod log;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError};

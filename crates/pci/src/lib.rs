@@ -13,6 +13,8 @@ mod root;
 
 pub use config::{BarKind, BarRegion, PciConfiguration, PciHeader};
 pub use host_bridge::HostBridge;
+/// Rate-limited warnings for what a guest can trigger at will (see `keel_devices::log`).
+pub use keel_devices::guest_warn;
 pub use msix::{KvmMsiRouter, MsiRouter, MsixConfig, MsixState, MSIX_ENTRY_SIZE};
 pub use root::{BarAllocator, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot};
 

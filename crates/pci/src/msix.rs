@@ -184,7 +184,7 @@ impl MsixConfig {
         };
         let msg = self.state.enabled.then(|| e.message());
         if let Err(err) = self.router.set_route(*gsi, msg) {
-            tracing::warn!("MSI-X vector {i}: cannot update its route: {err}");
+            crate::guest_warn!("MSI-X vector {i}: cannot update its route: {err}");
         }
     }
 

@@ -96,7 +96,7 @@ impl VirtioInterrupt for PciInterrupt {
     }
 
     fn device_broken(&self, why: &str) {
-        tracing::warn!("virtio device needs a reset: {why}");
+        keel_pci::guest_warn!("virtio device needs a reset: {why}");
         self.0
             .status
             .fetch_or(status::DEVICE_NEEDS_RESET, Ordering::SeqCst);
@@ -675,13 +675,13 @@ impl PciDevice for VirtioPciDevice {
             let slot = NOTIFY + i as u64 * NOTIFY_MULTIPLIER;
             if let Some(base) = old {
                 if let Err(e) = self.ioevents.unregister(evt, base + slot) {
-                    tracing::warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
+                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
                 }
             }
             if let Some(base) = new {
                 if let Err(e) = self.ioevents.register(evt, base + slot) {
                     // Notifications still work, through an exit to the vCPU thread.
-                    tracing::warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
+                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
                 }
             }
         }

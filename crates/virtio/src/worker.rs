@@ -64,7 +64,7 @@ impl Worker {
                             return;
                         }
                         if let Err(e) = handler.handle(token) {
-                            tracing::warn!(
+                            keel_pci::guest_warn!(
                                 "{name}: {e}; the device stops until the driver resets it"
                             );
                             interrupt.device_broken(&e.to_string());

@@ -183,7 +183,7 @@ impl Muxer {
 
     /// A malformed ring: drop every connection and wait to be stopped (`kill` blocks).
     fn broken(mut self, kill: &EventFd, why: &str) {
-        tracing::warn!("vsock: {why}; the device stops until the driver resets it");
+        keel_pci::guest_warn!("vsock: {why}; the device stops until the driver resets it");
         self.interrupt.device_broken(why);
         self.conns.clear();
         self.clients.clear();
