@@ -26,7 +26,7 @@ impl LogBudget {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         if n < BURST {
             Some(0)
-        } else if (n - BURST + 1) % EVERY == 0 {
+        } else if (n - BURST + 1).is_multiple_of(EVERY) {
             Some(EVERY - 1)
         } else {
             None
