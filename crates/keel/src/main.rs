@@ -78,6 +78,10 @@ struct RunArgs {
     /// Back all guest memory with host RAM before the guest starts.
     #[arg(long)]
     prefault: bool,
+    /// Run without the per-thread seccomp filters (debugging only: a compromised VMM then
+    /// keeps every system call).
+    #[arg(long)]
+    no_seccomp: bool,
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
     /// is /dev/vda.
     #[arg(long = "disk", value_name = "path=IMG,...", value_parser = DiskConfig::parse)]
@@ -192,7 +196,13 @@ fn run(args: RunArgs) -> ExitCode {
         balloon: args.balloon,
         api_socket: args.api_socket,
         shutdown_timeout_secs: args.shutdown_timeout,
+        seccomp: !args.no_seccomp,
     };
+    if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run without seccomp filters (debugging only)"
+        );
+    }
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
     let io = VmIo {
         serial_out: Box::new(std::io::stdout()),

@@ -63,6 +63,7 @@ fn rig(read_only: bool) -> Rig {
         queues: vec![q.queue()],
         queue_events: vec![event.try_clone().unwrap()],
         features: features::VERSION_1,
+        hooks: Default::default(),
     })
     .unwrap();
     Rig {

@@ -109,6 +109,7 @@ impl ApiServer {
         listener: UnixListener,
         path: PathBuf,
         control: Arc<Control>,
+        seccomp: bool,
     ) -> Result<ApiServer, VmmError> {
         let io = |source| VmmError::Io {
             what: "starting the API socket thread",
@@ -118,7 +119,13 @@ impl ApiServer {
         let stop2 = stop.try_clone().map_err(io)?;
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&listener, &stop2, &control))
+            .spawn(move || {
+                if let Err(e) = crate::confine::apply(seccomp, keel_seccomp::ThreadKind::Api) {
+                    tracing::error!("API socket: {e}; not serving requests");
+                    return;
+                }
+                serve(&listener, &stop2, &control)
+            })
             .map_err(io)?;
         Ok(ApiServer {
             stop,

@@ -34,6 +34,10 @@ pub struct VmConfig {
     /// After SIGTERM presses the power button, how long the guest gets to power off before
     /// it is stopped.
     pub shutdown_timeout_secs: u32,
+    /// Confine every VMM thread with the seccomp filter of its kind (see `keel-seccomp`).
+    /// Off by default so in-process users (tests) keep an unfiltered process; `keel run`
+    /// turns it on.
+    pub seccomp: bool,
 }
 
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 30;
@@ -62,6 +66,7 @@ impl VmConfig {
             api_socket: None,
             limits: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            seccomp: false,
         }
     }
 }

@@ -302,6 +302,7 @@ impl VirtioDevice for Net {
             ActivateError::Backend(format!("setting the tap's offloads to {offloads:?}: {e}"))
         })?;
         let interrupt = ctx.interrupt.clone();
+        let hook = ctx.hooks.device;
         let (handler, sources) = NetHandler::new(
             ctx,
             self.tap.clone(),
@@ -314,6 +315,7 @@ impl VirtioDevice for Net {
             sources,
             handler,
             interrupt,
+            hook,
         )
         .map_err(ActivateError::Thread)?;
         tracing::debug!(
