@@ -40,6 +40,9 @@ impl BalloonControl for keel_virtio::balloon::BalloonHandle {
 pub(crate) struct Control {
     pub info: VmInfo,
     pub balloon: Option<Arc<dyn BalloonControl>>,
+    /// /proc/self/statm, opened before the API thread is confined (its filter has no
+    /// `openat`, and a jailed VMM may not see /proc later); `None`: RSS reads as 0.
+    pub statm: Option<std::fs::File>,
 }
 
 impl Control {
@@ -48,7 +51,7 @@ impl Control {
             Request::Ping => Response::ok(Reply::Pong),
             Request::Info => {
                 let mut info = self.info.clone();
-                info.vmm_rss_bytes = rss_bytes().unwrap_or(0);
+                info.vmm_rss_bytes = self.statm.as_ref().and_then(rss_bytes).unwrap_or(0);
                 Response::ok(Reply::Info(info))
             }
             Request::BalloonSet { target_bytes } => match &self.balloon {
@@ -66,9 +69,13 @@ impl Control {
     }
 }
 
-/// The VMM process's resident set size, from /proc/self/statm.
-pub(crate) fn rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+/// The VMM process's resident set size, from its /proc/self/statm (read at offset 0 each
+/// time: the file is regenerated on every read).
+pub(crate) fn rss_bytes(statm: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 256];
+    let n = statm.read_at(&mut buf, 0).ok()?;
+    let s = std::str::from_utf8(buf.get(..n)?).ok()?;
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

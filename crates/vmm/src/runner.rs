@@ -247,6 +247,12 @@ impl Vmm {
         keel_hypervisor::install_kick_handler()?;
         let start = Instant::now();
         let seccomp = self.config.seccomp;
+        // Files the confined threads read later are opened before the filters exist.
+        let statm = self
+            .config
+            .api_socket
+            .as_ref()
+            .and_then(|_| std::fs::File::open("/proc/self/statm").ok());
         if seccomp {
             // Before any thread starts: every thread of the VM descends from this one.
             keel_seccomp::prepare()?;
@@ -282,6 +288,7 @@ impl Vmm {
                         vmm_rss_bytes: 0,
                     },
                     balloon: pci.balloon.clone(),
+                    statm,
                 };
                 Some(crate::api::ApiServer::start(
                     l,
