@@ -99,13 +99,19 @@ pub enum EngineKind {
     IoUring,
 }
 
+/// Runs first thing on a thread the engine starts, before it takes any request: the VMM
+/// confines the thread there (its seccomp filter). An error ends the thread at once.
+pub type ThreadHook = fn() -> std::result::Result<(), String>;
+
 /// Engine settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
     /// Which engine.
     pub kind: EngineKind,
     /// Worker threads for the thread pool (at least 1).
     pub workers: usize,
+    /// Run first on each worker thread; `None`: nothing.
+    pub thread_start: Option<ThreadHook>,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +119,7 @@ impl Default for EngineConfig {
         EngineConfig {
             kind: EngineKind::Auto,
             workers: 4,
+            thread_start: None,
         }
     }
 }
@@ -164,7 +171,7 @@ impl IoEngine {
             eventfd,
         });
         let backend = match config.kind {
-            EngineKind::ThreadPool => start_pool(&shared, config.workers)?,
+            EngineKind::ThreadPool => start_pool(&shared, &config)?,
             EngineKind::IoUring => Self::uring(&shared).map_err(|why| {
                 Error::InvalidArgument(format!("the io_uring block engine cannot be used: {why}"))
             })?,
@@ -172,7 +179,7 @@ impl IoEngine {
                 Ok(b) => b,
                 Err(why) => {
                     tracing::debug!("block engine: io_uring not used ({why}): thread pool");
-                    start_pool(&shared, config.workers)?
+                    start_pool(&shared, &config)?
                 }
             },
         };
@@ -253,7 +260,8 @@ impl Drop for IoEngine {
     }
 }
 
-fn start_pool(shared: &Arc<Shared>, n: usize) -> Result<Backend> {
+fn start_pool(shared: &Arc<Shared>, config: &EngineConfig) -> Result<Backend> {
+    let (n, hook) = (config.workers, config.thread_start);
     let (tx, rx) = mpsc::channel::<Request>();
     let rx = Arc::new(Mutex::new(rx));
     let mut workers = Vec::new();
@@ -261,7 +269,16 @@ fn start_pool(shared: &Arc<Shared>, n: usize) -> Result<Backend> {
         let (shared, rx) = (shared.clone(), rx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("blk-worker{i}"))
-            .spawn(move || worker(&shared, &rx));
+            .spawn(move || {
+                if let Some(hook) = hook {
+                    if let Err(e) = hook() {
+                        // Requests fail (the engine stops) once every worker has left.
+                        tracing::error!("block I/O worker: {e}; this worker stops");
+                        return;
+                    }
+                }
+                worker(&shared, &rx)
+            });
         match spawned {
             Ok(h) => workers.push(h),
             Err(e) => {

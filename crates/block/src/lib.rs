@@ -31,7 +31,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use engine::{Completion, EngineConfig, EngineKind, IoEngine, Request, RequestKind};
+pub use engine::{
+    Completion, EngineConfig, EngineKind, IoEngine, Request, RequestKind, ThreadHook,
+};
 pub use error::{Error, Result};
 pub use qcow2::{create_qcow2, create_qcow2_overlay, Qcow2Image};
 pub use raw::RawImage;

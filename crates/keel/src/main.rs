@@ -92,6 +92,10 @@ struct RunArgs {
     /// Back all guest memory with host RAM before the guest starts.
     #[arg(long)]
     prefault: bool,
+    /// Run without the per-thread seccomp filters (debugging only: a compromised VMM then
+    /// keeps every system call).
+    #[arg(long)]
+    no_seccomp: bool,
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
     /// is /dev/vda. Its own limits: bps=RATE (bytes/s, e.g. 10M), iops=N, and their bursts
     /// bps_burst=SIZE, iops_burst=N (default: 100 ms worth).
@@ -303,7 +307,13 @@ fn run(args: RunArgs) -> ExitCode {
         api_socket: args.api_socket,
         io_limit,
         shutdown_timeout_secs: args.shutdown_timeout,
+        seccomp: !args.no_seccomp,
     };
+    if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run without seccomp filters (debugging only)"
+        );
+    }
     let io = || {
         let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
         VmIo {

@@ -267,7 +267,94 @@ fn kvm_trials() -> Vec<Trial> {
         Trial::test("sigterm_with_no_grace_period_stops_at_once", || {
             sigterm_test(0)
         }),
+        Trial::test("seccomp_is_on_in_keel_run", || seccomp_test(true)),
+        Trial::test("no_seccomp_turns_it_off_with_a_warning", || {
+            seccomp_test(false)
+        }),
     ]
+}
+
+/// `field:` of /proc/PID[/task/TID]/status.
+fn status_field(path: &str, field: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// A running `keel run` is in seccomp filter mode on every thread (the vmm filter on the
+/// main thread, vmm + vcpu on vCPU threads), and its guest still runs to completion.
+fn seccomp_test(on: bool) -> Result<(), Failed> {
+    use std::io::Write;
+    let kernel = kit();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.as_str(),
+        "--cmdline",
+        "test=console",
+        "--memory",
+        "64M",
+        "--cpus",
+        "2",
+    ];
+    if !on {
+        args.push("--no-seccomp");
+    }
+    let mut child = keel()
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    // The VMM is keel's jailed child.
+    let pid = support::vmm_pid(child.id());
+    let main = status_field(&format!("/proc/{pid}/status"), "Seccomp");
+    let main_filters = status_field(&format!("/proc/{pid}/status"), "Seccomp_filters");
+    let mut vcpus = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("vcpu") {
+                let status = t.path().join("status");
+                vcpus.push(status_field(&status.to_string_lossy(), "Seccomp_filters"));
+            }
+        }
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"hello\n");
+    }
+    let start = Instant::now();
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            return Err("keel did not end within 20 s of its console input".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+    if o.status.code() != Some(0) || !out.contains("KIT: console got 'hello'") {
+        return Err(format!("status {:?}\nstdout: {out}\nstderr: {err}", o.status).into());
+    }
+    if err.contains("panicked") || err.contains("forbidden syscall") {
+        return Err(format!("stderr: {err}").into());
+    }
+    let (want_mode, want_main, want_vcpu) = if on { ("2", "1", "2") } else { ("0", "0", "0") };
+    if main.as_deref() != Some(want_mode) || main_filters.as_deref() != Some(want_main) {
+        return Err(format!("main thread: Seccomp {main:?}, Seccomp_filters {main_filters:?}; want {want_mode}, {want_main}").into());
+    }
+    if vcpus.len() != 2 || vcpus.iter().any(|v| v.as_deref() != Some(want_vcpu)) {
+        return Err(
+            format!("vCPU threads' Seccomp_filters: {vcpus:?}; want 2 × {want_vcpu}").into(),
+        );
+    }
+    if !on && !err.contains("--no-seccomp") {
+        return Err(format!("--no-seccomp gave no warning: {err}").into());
+    }
+    Ok(())
 }
 
 /// SIGTERM presses the power button; the kit guest ignores it, so after `timeout` seconds

@@ -58,18 +58,24 @@ fn status_field(pid: u32, key: &str) -> String {
         .to_string()
 }
 
-/// Waits until the VMM has dropped root: it is then confined and about to run the guest.
+/// Waits until the VMM has dropped root and its seccomp filter is on: it is then confined and
+/// running the guest.
 fn confined_vmm(keel: &Child) -> Result<u32, Failed> {
     let pid = support::vmm_pid(keel.id());
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let uid = status_field(pid, "Uid");
-        if !uid.is_empty() && !uid.starts_with("0\t") {
+        if !uid.is_empty() && !uid.starts_with("0\t") && status_field(pid, "Seccomp") == "2" {
             return Ok(pid);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(format!("the VMM (pid {pid}) never dropped root").into())
+    Err(format!(
+        "the VMM (pid {pid}) never ran unprivileged with its seccomp filter (Uid {:?}, Seccomp {:?})",
+        status_field(pid, "Uid"),
+        status_field(pid, "Seccomp")
+    )
+    .into())
 }
 
 fn stop(mut child: Child) -> Result<(std::process::ExitStatus, String), Failed> {
@@ -159,6 +165,7 @@ fn confined_test() -> Result<(), Failed> {
             ("CapBnd", "0000000000000000"),
             ("CapAmb", "0000000000000000"),
             ("NoNewPrivs", "1"),
+            ("Seccomp", "2"),
             ("Groups", ""),
         ] {
             let got = status_field(pid, key);

@@ -353,7 +353,13 @@ impl VirtioDevice for Balloon {
             kick,
             stats_vq: handler.stats_vq,
         });
-        match Worker::spawn("virtio-balloon".into(), sources, handler, ctx.interrupt) {
+        match Worker::spawn(
+            "virtio-balloon".into(),
+            sources,
+            handler,
+            ctx.interrupt,
+            ctx.hooks.device,
+        ) {
             Ok(w) => self.worker = Some(w),
             Err(e) => {
                 *active = None;

@@ -29,6 +29,7 @@ fn rig((mut dev, h): (Balloon, BalloonHandle), mem: GuestMemory, features: u64) 
         queues,
         queue_events,
         features,
+        hooks: Default::default(),
     })
     .unwrap();
     Rig {

@@ -125,7 +125,11 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady(0));
         }
-        let engine = IoEngine::new(self.image.clone(), self.engine)
+        let mut engine_config = self.engine;
+        if engine_config.thread_start.is_none() {
+            engine_config.thread_start = ctx.hooks.block_io;
+        }
+        let engine = IoEngine::new(self.image.clone(), engine_config)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         let mut sources = vec![
             (event.as_raw_fd(), TOKEN_QUEUE),
@@ -159,6 +163,7 @@ impl VirtioDevice for Block {
                 sources,
                 handler,
                 ctx.interrupt,
+                ctx.hooks.device,
             )
             .map_err(ActivateError::Thread)?,
         );

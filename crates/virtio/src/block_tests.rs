@@ -68,6 +68,7 @@ fn rig_with(read_only: bool, budgets: Vec<Budget>) -> Rig {
         queues: vec![q.queue()],
         queue_events: vec![event.try_clone().unwrap()],
         features: features::VERSION_1,
+        hooks: Default::default(),
     })
     .unwrap();
     Rig {

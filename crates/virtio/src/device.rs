@@ -30,6 +30,53 @@ pub struct ActivateContext {
     pub queue_events: Vec<EventFd>,
     /// The features the driver accepted.
     pub features: u64,
+    /// Run first thing on each thread the device starts.
+    pub hooks: ThreadHooks,
+}
+
+/// Runs first thing on a thread a device (or its I/O engine) starts, before it touches any
+/// guest data: the VMM confines the thread there (its seccomp filter). An error stops the
+/// thread before it does any work.
+pub use keel_block::ThreadHook;
+
+/// What runs first on the threads a device starts; `None` runs nothing (unit tests, VMs
+/// without seccomp).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadHooks {
+    /// Device threads (the epoll loop of each device, the vsock muxer).
+    pub device: Option<ThreadHook>,
+    /// Block I/O engine workers.
+    pub block_io: Option<ThreadHook>,
+}
+
+/// Runs `hook` (if any) on the calling thread; says why not when it fails.
+pub fn run_hook(hook: Option<ThreadHook>) -> Result<(), String> {
+    match hook {
+        Some(h) => h(),
+        None => Ok(()),
+    }
+}
+
+/// Where device activations run. The transport validates the driver's setup on the vCPU
+/// thread that wrote `DRIVER_OK`, then hands the start of the device (its threads, its I/O
+/// engine) to an activator, so that device threads are never children of a vCPU thread
+/// (seccomp filters are inherited): the VMM queues it to its event loop; unit tests run it
+/// at once ([`InlineActivator`]). The activator must not run the job while the caller is
+/// inside it (the caller holds the transport's lock) unless it runs it inline.
+pub trait Activator: Send + Sync {
+    fn activate(&self, job: ActivationJob);
+}
+
+/// A pending activation: starts the device unless the driver reset it meanwhile.
+pub type ActivationJob = Box<dyn FnOnce() + Send>;
+
+/// Runs activations on the calling thread, at once.
+pub struct InlineActivator;
+
+impl Activator for InlineActivator {
+    fn activate(&self, job: ActivationJob) {
+        job()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

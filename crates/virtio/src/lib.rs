@@ -19,10 +19,11 @@ pub mod vsock;
 mod worker;
 
 pub use device::{
-    process_queue, read_config_bytes, rearm, ActivateContext, ActivateError, Chain, DeviceError,
+    process_queue, read_config_bytes, rearm, run_hook, ActivateContext, ActivateError,
+    ActivationJob, Activator, Chain, DeviceError, InlineActivator, ThreadHook, ThreadHooks,
     VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
 };
-pub use pci::{IoEvents, VirtioPciDevice};
+pub use pci::{DeviceRuntime, IoEvents, VirtioPciDevice};
 pub use worker::{EventHandler, Worker};
 
 /// Guest memory as every device sees it.

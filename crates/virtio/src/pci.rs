@@ -1,15 +1,17 @@
 //! The virtio 1.x PCI transport (virtio 1.2 §4.1): one memory BAR holding the common
 //! configuration, ISR, device configuration, notification area and the MSI-X table.
 
-use crate::device::{ActivateContext, VirtioDevice, VirtioInterrupt};
+use crate::device::{
+    ActivateContext, Activator, InlineActivator, ThreadHooks, VirtioDevice, VirtioInterrupt,
+};
 use crate::{features, status, GuestMemory};
 use keel_hypervisor::IrqRouter;
 use keel_pci::{
     BarAllocator, BarKind, BarRegion, MsiRouter, MsixConfig, PciConfiguration, PciDevice, PciError,
     PciHeader,
 };
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -104,10 +106,35 @@ impl VirtioInterrupt for PciInterrupt {
     }
 }
 
+/// Where the transport starts its device, and what runs first on the device's threads.
+#[derive(Clone)]
+pub struct DeviceRuntime {
+    pub activator: Arc<dyn Activator>,
+    pub hooks: ThreadHooks,
+}
+
+impl DeviceRuntime {
+    /// Activations run at once on the thread that sets `DRIVER_OK`; no thread hooks.
+    pub fn inline() -> Self {
+        DeviceRuntime {
+            activator: Arc::new(InlineActivator),
+            hooks: ThreadHooks::default(),
+        }
+    }
+}
+
 /// A virtio device on the PCI bus.
+///
+/// Locking: the bus holds this transport's lock during every register access; the device
+/// model has a lock of its own, taken inside it (config space, reset) and by a queued
+/// activation, which never takes the transport's lock: no cycle.
 pub struct VirtioPciDevice {
     config: PciConfiguration,
-    device: Box<dyn VirtioDevice>,
+    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
+    name: String,
+    runtime: DeviceRuntime,
+    /// Bumped by every reset: a queued activation from an older generation does nothing.
+    generation: Arc<AtomicU64>,
     signals: Arc<Signals>,
     mem: GuestMemory,
     ioevents: Arc<dyn IoEvents>,
@@ -142,13 +169,15 @@ fn vendor_cap(kind: u8, offset: u64, len: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`, placing its BAR with `bars` and its MSI-X vectors with `msi`.
+    /// Wraps `device`, placing its BAR with `bars` and its MSI-X vectors with `msi`; its
+    /// activations go through `runtime`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         msi: Arc<dyn MsiRouter>,
         ioevents: Arc<dyn IoEvents>,
         bars: &mut BarAllocator,
+        runtime: DeviceRuntime,
     ) -> Result<Self, PciError> {
         let max_sizes = device.queue_max_sizes();
         if max_sizes.is_empty() || max_sizes.len() > MAX_QUEUES {
@@ -226,7 +255,10 @@ impl VirtioPciDevice {
         });
         let mut dev = VirtioPciDevice {
             config,
-            device,
+            name: device.name(),
+            device: Arc::new(Mutex::new(device)),
+            runtime,
+            generation: Arc::new(AtomicU64::new(0)),
             signals,
             mem,
             ioevents,
@@ -248,7 +280,11 @@ impl VirtioPciDevice {
 
     /// The device's name for logs.
     pub fn name(&self) -> String {
-        self.device.name()
+        self.name.clone()
+    }
+
+    fn dev(&self) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where BAR 0 decodes now.
@@ -257,7 +293,7 @@ impl VirtioPciDevice {
     }
 
     fn device_features(&self) -> u64 {
-        self.device.features() | features::VERSION_1
+        self.dev().features() | features::VERSION_1
     }
 
     fn status(&self) -> u8 {
@@ -438,7 +474,7 @@ impl VirtioPciDevice {
             if !ok {
                 tracing::debug!(
                     "{}: driver features {:#x} not a subset of {offered:#x} with VERSION_1",
-                    self.device.name(),
+                    self.name,
                     self.driver_features
                 );
                 new &= !status::FEATURES_OK;
@@ -461,14 +497,14 @@ impl VirtioPciDevice {
             if q.ready() && asked != [q.desc_table(), q.avail_ring(), q.used_ring()] {
                 interrupt.device_broken(&format!(
                     "{}: queue {i} ring addresses {asked:x?} are misaligned",
-                    self.device.name()
+                    self.name
                 ));
                 return;
             }
             if q.ready() && !q.is_valid(&self.mem) {
                 interrupt.device_broken(&format!(
                     "{}: queue {i} has rings outside guest memory or misaligned",
-                    self.device.name()
+                    self.name
                 ));
                 return;
             }
@@ -515,21 +551,42 @@ impl VirtioPciDevice {
             queues,
             queue_events: events,
             features: self.driver_features,
+            hooks: self.runtime.hooks,
         };
-        match self.device.activate(ctx) {
-            Ok(()) => {
-                self.activated = true;
-                tracing::debug!("{}: activated", self.device.name());
+        // The device starts on the activator's thread (the VMM's event loop), not on this
+        // vCPU thread. Notifications that arrive before its thread runs stay counted in the
+        // queue eventfds (level-triggered epoll sees them); a reset before the job runs
+        // bumps the generation and the job does nothing.
+        self.activated = true;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let current = self.generation.clone();
+        let device = self.device.clone();
+        let name = self.name.clone();
+        self.runtime.activator.activate(Box::new(move || {
+            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            if current.load(Ordering::SeqCst) != generation {
+                tracing::debug!("{name}: activation cancelled by a reset");
+                return;
             }
-            Err(e) => interrupt.device_broken(&format!("{}: {e}", self.device.name())),
+            match dev.activate(ctx) {
+                Ok(()) => tracing::debug!("{name}: activated"),
+                Err(e) => interrupt.device_broken(&format!("{name}: {e}")),
+            }
+        }));
+    }
+
+    /// Stops the device's data path (synchronously: the driver may read the status back
+    /// as 0 at once, and then its rings must be free) and cancels a queued activation.
+    fn stop_device(&mut self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.activated {
+            self.dev().reset();
+            self.activated = false;
         }
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            self.device.reset();
-            self.activated = false;
-        }
+        self.stop_device();
         for (q, &max) in self.queues.iter_mut().zip(&self.max_sizes) {
             *q = Queue::new(max).unwrap_or_default();
         }
@@ -627,7 +684,7 @@ impl PciDevice for VirtioPciDevice {
                 }
             }
             o if (DEVICE_CFG..DEVICE_CFG + REGION_LEN).contains(&o) => {
-                self.device.read_config(o - DEVICE_CFG, data)
+                self.dev().read_config(o - DEVICE_CFG, data)
             }
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self
                 .signals
@@ -654,7 +711,7 @@ impl PciDevice for VirtioPciDevice {
                 self.common_write(o, data)
             }
             o if (DEVICE_CFG..DEVICE_CFG + REGION_LEN).contains(&o) => {
-                self.device.write_config(o - DEVICE_CFG, data)
+                self.dev().write_config(o - DEVICE_CFG, data)
             }
             o if (NOTIFY..NOTIFY + REGION_LEN).contains(&o) => self.notify(o - NOTIFY),
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self
@@ -675,13 +732,13 @@ impl PciDevice for VirtioPciDevice {
             let slot = NOTIFY + i as u64 * NOTIFY_MULTIPLIER;
             if let Some(base) = old {
                 if let Err(e) = self.ioevents.unregister(evt, base + slot) {
-                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
+                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.name);
                 }
             }
             if let Some(base) = new {
                 if let Err(e) = self.ioevents.register(evt, base + slot) {
                     // Notifications still work, through an exit to the vCPU thread.
-                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.device.name());
+                    keel_pci::guest_warn!("{}: queue {i} ioeventfd: {e}", self.name);
                 }
             }
         }
@@ -691,9 +748,7 @@ impl PciDevice for VirtioPciDevice {
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
-        if self.activated {
-            self.device.reset();
-        }
+        self.stop_device();
     }
 }
 

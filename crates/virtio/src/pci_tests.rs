@@ -64,8 +64,31 @@ struct Driver {
     avail_idx: u16,
 }
 
+/// Holds activations until the test runs them, as the VMM's event loop does.
+#[derive(Default)]
+struct QueuedActivator(Mutex<Vec<crate::ActivationJob>>);
+
+impl crate::Activator for QueuedActivator {
+    fn activate(&self, job: crate::ActivationJob) {
+        self.0.lock().unwrap().push(job);
+    }
+}
+
+impl QueuedActivator {
+    fn run_all(&self) -> usize {
+        let jobs: Vec<_> = self.0.lock().unwrap().drain(..).collect();
+        let n = jobs.len();
+        jobs.into_iter().for_each(|j| j());
+        n
+    }
+}
+
 impl Driver {
     fn new() -> Driver {
+        Self::with_runtime(crate::DeviceRuntime::inline())
+    }
+
+    fn with_runtime(runtime: crate::DeviceRuntime) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let msi = Arc::new(FakeMsi::default());
         let ioevents = Arc::new(FakeIoEvents::default());
@@ -76,6 +99,7 @@ impl Driver {
             msi.clone(),
             ioevents.clone(),
             &mut bars,
+            runtime,
         )
         .unwrap();
         Driver {
@@ -437,4 +461,49 @@ fn overlapping_rings_break_the_device_instead_of_spinning() {
     });
     d.w(0x14, 0, 1);
     assert_eq!(d.status(), 0);
+}
+
+fn queued() -> (Driver, Arc<QueuedActivator>) {
+    let q = Arc::new(QueuedActivator::default());
+    let d = Driver::with_runtime(crate::DeviceRuntime {
+        activator: q.clone(),
+        hooks: crate::ThreadHooks::default(),
+    });
+    (d, q)
+}
+
+#[test]
+fn a_kick_before_the_queued_activation_runs_is_not_lost() {
+    let (mut d, q) = queued();
+    d.start();
+    assert_ne!(d.status() & status::DRIVER_OK, 0);
+    d.desc(0, BUF, 32, WRITE, 0);
+    d.publish(0);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.used_idx(), 0, "the device ran before its activation");
+    assert_eq!(q.run_all(), 1);
+    d.wait("the request kicked before activation", |d| {
+        d.used_idx() == 1
+    });
+}
+
+#[test]
+fn a_reset_cancels_a_queued_activation() {
+    let (mut d, q) = queued();
+    d.start();
+    d.desc(0, BUF, 32, WRITE, 0);
+    d.publish(0);
+    d.w(0x14, 0, 1);
+    assert_eq!(d.status(), 0);
+    // The stale activation runs after the reset: it must not start the device.
+    assert_eq!(q.run_all(), 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(), 0, "a cancelled activation started the device");
+    // A new DRIVER_OK starts it for real (the driver re-posts after the reset).
+    d.avail_idx = 0;
+    d.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    d.start();
+    d.publish(0);
+    assert_eq!(q.run_all(), 1);
+    d.wait("the request after a restart", |d| d.used_idx() == 1);
 }

@@ -57,8 +57,14 @@ impl VirtioDevice for Rng {
             interrupt: ctx.interrupt.clone(),
         };
         self.worker = Some(
-            Worker::spawn("virtio-rng".into(), vec![(fd, 0)], handler, ctx.interrupt)
-                .map_err(ActivateError::Thread)?,
+            Worker::spawn(
+                "virtio-rng".into(),
+                vec![(fd, 0)],
+                handler,
+                ctx.interrupt,
+                ctx.hooks.device,
+            )
+            .map_err(ActivateError::Thread)?,
         );
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The thread a device's data path runs on: an epoll loop over the device's event sources.
 
-use crate::{DeviceError, VirtioInterrupt};
+use crate::{run_hook, DeviceError, ThreadHook, VirtioInterrupt};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,11 +23,14 @@ const KILL_TOKEN: u64 = u64::MAX;
 
 impl Worker {
     /// Starts `handler` on a thread named `name`, woken for each of `sources` (fd, token).
+    /// The thread runs `hook` first; if it fails, the device is marked broken and the
+    /// thread does nothing else.
     pub fn spawn<H: EventHandler + 'static>(
         name: String,
         sources: Vec<(RawFd, u64)>,
         mut handler: H,
         interrupt: Arc<dyn VirtioInterrupt>,
+        hook: Option<ThreadHook>,
     ) -> std::io::Result<Worker> {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -47,6 +50,11 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                if let Err(e) = run_hook(hook) {
+                    tracing::error!("{name}: {e}; the device stays stopped");
+                    interrupt.device_broken(&e);
+                    return;
+                }
                 let mut events = vec![EpollEvent::default(); 16];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {

@@ -40,7 +40,8 @@ impl BalloonControl for keel_virtio::balloon::BalloonHandle {
 pub(crate) struct Control {
     pub info: VmInfo,
     pub balloon: Option<Arc<dyn BalloonControl>>,
-    /// /proc/self/statm, opened while /proc was still in reach (a jailed VMM has no /proc).
+    /// /proc/self/statm, opened before the jail hides /proc and before the API thread is
+    /// confined (its filter has no `openat`); `None`: RSS reads as 0.
     pub statm: Option<std::fs::File>,
 }
 
@@ -73,7 +74,8 @@ pub(crate) fn open_statm() -> Option<std::fs::File> {
     std::fs::File::open("/proc/self/statm").ok()
 }
 
-/// The VMM process's resident set size, from its /proc/self/statm (read afresh each time).
+/// The VMM process's resident set size, from its /proc/self/statm (read at offset 0 each
+/// time: the file is regenerated on every read).
 pub(crate) fn rss_bytes(statm: &std::fs::File) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let mut buf = [0u8; 256];
@@ -119,6 +121,7 @@ impl ApiServer {
         listener: UnixListener,
         path: PathBuf,
         control: Arc<Control>,
+        seccomp: bool,
     ) -> Result<ApiServer, VmmError> {
         let io = |source| VmmError::Io {
             what: "starting the API socket thread",
@@ -128,7 +131,13 @@ impl ApiServer {
         let stop2 = stop.try_clone().map_err(io)?;
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&listener, &stop2, &control))
+            .spawn(move || {
+                if let Err(e) = crate::confine::apply(seccomp, keel_seccomp::ThreadKind::Api) {
+                    tracing::error!("API socket: {e}; not serving requests");
+                    return;
+                }
+                serve(&listener, &stop2, &control)
+            })
             .map_err(io)?;
         Ok(ApiServer {
             stop,

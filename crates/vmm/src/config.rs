@@ -38,6 +38,10 @@ pub struct VmConfig {
     /// After SIGTERM presses the power button, how long the guest gets to power off before
     /// it is stopped.
     pub shutdown_timeout_secs: u32,
+    /// Confine every VMM thread with the seccomp filter of its kind (see `keel-seccomp`).
+    /// Off by default so in-process users (tests) keep an unfiltered process; `keel run`
+    /// turns it on.
+    pub seccomp: bool,
 }
 
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 30;
@@ -67,6 +71,7 @@ impl VmConfig {
             io_limit: keel_rate_limiter::RateLimitConfig::default(),
             limits: None,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            seccomp: false,
         }
     }
 }

@@ -10,7 +10,7 @@ use keel_pci::{
     BarAllocator, KvmMsiRouter, MsiRouter, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot,
 };
 use keel_rate_limiter::{Budget, RateLimitConfig};
-use keel_virtio::{IoEvents, VirtioDevice, VirtioPciDevice};
+use keel_virtio::{DeviceRuntime, IoEvents, VirtioDevice, VirtioPciDevice};
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
 
@@ -28,6 +28,7 @@ struct Builder<'a> {
     mem: &'a GuestMemoryMmap,
     msi: Arc<dyn MsiRouter>,
     ioevents: Arc<dyn IoEvents>,
+    runtime: DeviceRuntime,
     bars: BarAllocator,
     root: PciRoot,
     handles: DeviceHandles,
@@ -42,6 +43,7 @@ impl Builder<'_> {
             self.msi.clone(),
             self.ioevents.clone(),
             &mut self.bars,
+            self.runtime.clone(),
         )
         .map_err(|e| VmmError::Device {
             name: name.clone(),
@@ -61,6 +63,7 @@ pub(crate) fn build_pci(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
+    runtime: DeviceRuntime,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<DeviceHandles, VmmError> {
@@ -69,6 +72,7 @@ pub(crate) fn build_pci(
         mem,
         msi: Arc::new(KvmMsiRouter(router.clone())),
         ioevents: Arc::new(router),
+        runtime,
         bars: BarAllocator::new(PCI_MMIO_START, PCI_MMIO_SIZE)?,
         root: PciRoot::new(),
         handles: DeviceHandles::default(),

@@ -51,6 +51,8 @@ pub enum VmmError {
     Device { name: String, reason: String },
     #[error("cgroup limits: {0}")]
     Cgroup(#[from] keel_cgroup::CgroupError),
+    #[error("seccomp: {0} (run with --no-seccomp to debug without filters)")]
+    Seccomp(#[from] keel_seccomp::Error),
     #[error("--net: {reason}")]
     Net { reason: String },
     #[error("--api-socket {path}: {reason}")]

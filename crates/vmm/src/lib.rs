@@ -7,8 +7,10 @@
 //! MMIO exits to the device buses; the calling thread feeds console input and waits for a stop
 //! (guest power-off/reset, a vCPU failure, a signal, or a [`StopHandle`]).
 
+mod activator;
 mod api;
 pub mod config;
+mod confine;
 pub mod device_config;
 mod devices;
 mod error;

@@ -196,7 +196,15 @@ fn unhandled(counter: &AtomicU64, what: impl FnOnce() -> String) {
     }
 }
 
-fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>) {
+fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>, seccomp: bool) {
+    if let Err(e) = crate::confine::apply(seccomp, keel_seccomp::ThreadKind::Vcpu) {
+        sh.stop.request(ExitReason::VcpuFailed {
+            vcpu: vcpu.id(),
+            error: e,
+            state: String::new(),
+        });
+        return;
+    }
     vcpu.publish_immediate_exit();
     run_vcpu(&mut vcpu, &sh);
     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -238,6 +246,13 @@ impl Vmm {
     pub fn run(self) -> Result<Outcome, VmmError> {
         keel_hypervisor::install_kick_handler()?;
         let start = Instant::now();
+        let seccomp = self.config.seccomp;
+        if seccomp {
+            // Before any thread starts: every thread of the VM descends from this one.
+            keel_seccomp::prepare()?;
+            keel_seccomp::apply(keel_seccomp::ThreadKind::Vmm)?;
+            tracing::debug!("seccomp: filters installed (vmm thread)");
+        }
         let Vmm {
             vcpus,
             vm,
@@ -253,6 +268,7 @@ impl Vmm {
             console_in,
             console_escape,
             config,
+            activator,
             ..
         } = self;
         tracing::debug!("PCI devices: {:?}", pci.names);
@@ -273,6 +289,7 @@ impl Vmm {
                     l,
                     path.clone(),
                     Arc::new(control),
+                    seccomp,
                 )?)
             }
             _ => None,
@@ -287,7 +304,7 @@ impl Vmm {
             let sh = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || vcpu_thread(vcpu, sh))
+                .spawn(move || vcpu_thread(vcpu, sh, seccomp))
                 .map_err(|source| VmmError::Io {
                     what: "spawning a vCPU thread",
                     source,
@@ -302,7 +319,7 @@ impl Vmm {
             }
         }
         let console = Console::new(console_in, console_escape);
-        event_loop(&shared, &serial, console, power);
+        event_loop(&shared, &serial, &activator, console, power);
         stop_threads(threads);
         drop(vm);
         serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
@@ -492,6 +509,7 @@ impl PowerButton {
 fn event_loop(
     sh: &Shared,
     serial: &Mutex<keel_devices::serial::Serial>,
+    activator: &crate::activator::QueuedActivator,
     mut console: Console,
     mut power: PowerButton,
 ) {
@@ -522,11 +540,18 @@ fn event_loop(
             let n = s.enqueue_input(a);
             console.pending.drain(..n);
         }
-        let mut fds = vec![libc::pollfd {
-            fd: sh.stop.evt.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut fds = vec![
+            libc::pollfd {
+                fd: sh.stop.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: activator.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let watch_input = console.pending.is_empty();
         if let (true, Some(fd)) = (watch_input, console.raw_fd()) {
             fds.push(libc::pollfd {
@@ -547,7 +572,10 @@ fn event_loop(
         if fds[0].revents & libc::POLLIN != 0 {
             let _ = sh.stop.evt.read();
         }
-        if fds.len() > 1 && fds[1].revents != 0 && console.read_input() {
+        if fds[1].revents & libc::POLLIN != 0 {
+            activator.run_pending();
+        }
+        if fds.len() > 2 && fds[2].revents != 0 && console.read_input() {
             sh.stop.request(ExitReason::ConsoleEscape);
         }
     }

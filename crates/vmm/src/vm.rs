@@ -86,6 +86,8 @@ pub struct Vmm {
     /// Raises the guest's ACPI power-button event.
     pub(crate) power_button: EventFd,
     pub(crate) pci: crate::devices::DeviceHandles,
+    /// Device activations queued by vCPU threads, run by the event loop.
+    pub(crate) activator: Arc<crate::activator::QueuedActivator>,
     pub(crate) api_listener: Option<std::os::unix::net::UnixListener>,
     pub(crate) statm: Option<std::fs::File>,
     /// Left (and removed) when the VMM is dropped.
@@ -203,9 +205,20 @@ impl Vmm {
         } = io;
         let mut devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
         let mut mmio = Bus::new();
+        let activator = Arc::new(crate::activator::QueuedActivator::new()?);
+        let runtime = keel_virtio::DeviceRuntime {
+            activator: activator.clone(),
+            hooks: crate::confine::device_hooks(config.seccomp),
+        };
         // Devices get the writable ranges only: the ROM stays read-only from the host side too.
-        let pci =
-            crate::devices::build_pci(&vm, &device_mem, &config, &mut devices.pio, &mut mmio)?;
+        let pci = crate::devices::build_pci(
+            &vm,
+            &device_mem,
+            &config,
+            runtime,
+            &mut devices.pio,
+            &mut mmio,
+        )?;
 
         let mut cpuid = hv.supported_cpuid()?;
         if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
@@ -234,6 +247,7 @@ impl Vmm {
             debug_port: devices.debug_port,
             power_button: devices.power_button,
             pci,
+            activator,
             api_listener,
             statm,
             _cgroup: cgroup,

@@ -51,12 +51,14 @@ fn engines(img: &Arc<dyn DiskImage>, test: &str) -> Vec<IoEngine> {
     let pool = EngineConfig {
         kind: EngineKind::ThreadPool,
         workers: 4,
+        thread_start: None,
     };
     let mut out = vec![IoEngine::new(img.clone(), pool).unwrap()];
     assert_eq!(out[0].engine_name(), "thread-pool");
     let uring = EngineConfig {
         kind: EngineKind::IoUring,
         workers: 4,
+        thread_start: None,
     };
     match IoEngine::new(img.clone(), uring) {
         Ok(e) => {

@@ -334,6 +334,7 @@ impl VirtioDevice for Net {
             rx: limiter(&self.rx_limit)?,
             tx: limiter(&self.tx_limit)?,
         };
+        let hook = ctx.hooks.device;
         let (handler, sources) = NetHandler::new(
             ctx,
             self.tap.clone(),
@@ -347,6 +348,7 @@ impl VirtioDevice for Net {
             sources,
             handler,
             interrupt,
+            hook,
         )
         .map_err(ActivateError::Thread)?;
         tracing::debug!(

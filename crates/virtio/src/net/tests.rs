@@ -237,6 +237,7 @@ impl Rig {
             queues,
             queue_events: vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
             features: acked | features::VERSION_1,
+            hooks: Default::default(),
         })
         .unwrap();
         Some(Rig {

@@ -49,7 +49,9 @@ pub use packet::{
 };
 
 use crate::device::read_config_bytes;
-use crate::{features, types, ActivateContext, ActivateError, VirtioDevice, QUEUE_MAX_SIZE};
+use crate::{
+    features, run_hook, types, ActivateContext, ActivateError, VirtioDevice, QUEUE_MAX_SIZE,
+};
 use muxer::{Events, Muxer};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -148,6 +150,7 @@ impl VirtioDevice for Vsock {
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.thread = None;
+        let hook = ctx.hooks.device;
         let mut queues = ctx.queues.into_iter();
         let mut events = ctx.queue_events.into_iter();
         let mut next = |i: usize, required: bool| match (queues.next(), events.next()) {
@@ -186,7 +189,10 @@ impl VirtioDevice for Vsock {
         };
         let handle = std::thread::Builder::new()
             .name("virtio-vsock".into())
-            .spawn(move || muxer.run(events))
+            .spawn(move || match run_hook(hook) {
+                Ok(()) => muxer.run(events),
+                Err(e) => muxer.broken(&events.kill, &e),
+            })
             .map_err(ActivateError::Thread)?;
         self.thread = Some(DeviceThread {
             kill,

@@ -182,7 +182,7 @@ impl Muxer {
     }
 
     /// A malformed ring: drop every connection and wait to be stopped (`kill` blocks).
-    fn broken(mut self, kill: &EventFd, why: &str) {
+    pub(crate) fn broken(mut self, kill: &EventFd, why: &str) {
         keel_pci::guest_warn!("vsock: {why}; the device stops until the driver resets it");
         self.interrupt.device_broken(why);
         self.conns.clear();

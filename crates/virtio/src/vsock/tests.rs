@@ -99,6 +99,7 @@ impl Guest {
             queues: vec![g.rx.queue(), g.tx.queue(), evq.queue()],
             queue_events: evts,
             features: 0,
+            hooks: Default::default(),
         };
         g.dev.activate(ctx).unwrap();
         g

@@ -69,6 +69,7 @@ fn config_space_features_and_identity() {
             queues: vec![TestQueue::new(&mem, RX_RINGS, QSIZE).queue()],
             queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             features: features::VERSION_1,
+            hooks: Default::default(),
         })
         .err();
     assert!(
@@ -194,6 +195,7 @@ fn activation_programs_the_tap_offloads_and_reset_clears_them() {
                 rig.tx_kick.try_clone().unwrap(),
             ],
             features: MRG | features::VERSION_1,
+            hooks: Default::default(),
         })
         .unwrap();
     assert!(!ethtool_flag(&name, ETHTOOL_GTXCSUM));

@@ -1,0 +1,94 @@
+//! ioctl request numbers the filters allow, computed like the kernel's `_IO*` macros.
+
+use kvm_bindings as kb;
+use std::mem::size_of;
+
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
+    ((dir << 30) | ((size as u32) << 16) | (ty << 8) | nr) as u64
+}
+const NONE: u32 = 0;
+const WRITE: u32 = 1;
+const READ: u32 = 2;
+const KVMIO: u32 = 0xae;
+
+const fn kvm(dir: u32, nr: u32, size: usize) -> u64 {
+    ioc(dir, KVMIO, nr, size)
+}
+
+pub const KVM_RUN: u64 = kvm(NONE, 0x80, 0);
+pub const KVM_GET_REGS: u64 = kvm(READ, 0x81, size_of::<kb::kvm_regs>());
+pub const KVM_GET_SREGS: u64 = kvm(READ, 0x83, size_of::<kb::kvm_sregs>());
+pub const KVM_TRANSLATE: u64 = kvm(READ | WRITE, 0x85, size_of::<kb::kvm_translation>());
+pub const KVM_GET_MP_STATE: u64 = kvm(READ, 0x98, size_of::<kb::kvm_mp_state>());
+pub const KVM_GET_VCPU_EVENTS: u64 = kvm(READ, 0x9f, size_of::<kb::kvm_vcpu_events>());
+pub const KVM_SET_GSI_ROUTING: u64 = kvm(WRITE, 0x6a, size_of::<kb::kvm_irq_routing>());
+pub const KVM_IRQFD: u64 = kvm(WRITE, 0x76, size_of::<kb::kvm_irqfd>());
+pub const KVM_IOEVENTFD: u64 = kvm(WRITE, 0x79, size_of::<kb::kvm_ioeventfd>());
+pub const KVM_SIGNAL_MSI: u64 = kvm(WRITE, 0xa5, size_of::<kb::kvm_msi>());
+pub const KVM_IRQ_LINE: u64 = kvm(WRITE, 0x61, size_of::<kb::kvm_irq_level>());
+pub const KVM_SET_USER_MEMORY_REGION: u64 =
+    kvm(WRITE, 0x46, size_of::<kb::kvm_userspace_memory_region>());
+
+/// TUNSETOFFLOAD: a NIC's offloads change when its driver (re)activates it.
+pub const TUNSETOFFLOAD: u64 = ioc(WRITE, b'T' as u32, 208, size_of::<u32>());
+/// TUNSETVNETHDRSZ.
+pub const TUNSETVNETHDRSZ: u64 = ioc(WRITE, b'T' as u32, 216, size_of::<i32>());
+/// Non-blocking mode (Rust's `set_nonblocking`).
+pub const FIONBIO: u64 = 0x5421;
+/// Close-on-exec.
+pub const FIOCLEX: u64 = 0x5451;
+/// isatty (tracing checks its output once).
+pub const TCGETS: u64 = 0x5401;
+
+/// What a vCPU thread asks of KVM: run, read its state for a failure report, and what guest
+/// register writes turn into (MSI-X routes, BAR moves of the queue notify ioeventfds).
+pub const VCPU: &[u64] = &[
+    KVM_RUN,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_TRANSLATE,
+    KVM_GET_MP_STATE,
+    KVM_GET_VCPU_EVENTS,
+    KVM_SET_GSI_ROUTING,
+    KVM_IOEVENTFD,
+    KVM_IRQFD,
+    KVM_SIGNAL_MSI,
+];
+
+/// The event loop: the VM-wide ioctls it may need while devices start and stop, and
+/// everything a device it starts may ask.
+pub const VMM: &[u64] = &[
+    KVM_SET_GSI_ROUTING,
+    KVM_IOEVENTFD,
+    KVM_IRQFD,
+    KVM_SIGNAL_MSI,
+    KVM_IRQ_LINE,
+    KVM_SET_USER_MEMORY_REGION,
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+    FIONBIO,
+    FIOCLEX,
+    TCGETS,
+];
+
+/// Device threads: non-blocking sockets (vsock), TUN offloads.
+pub const DEVICE: &[u64] = &[FIONBIO, FIOCLEX, TUNSETOFFLOAD, KVM_SIGNAL_MSI];
+
+/// The control socket thread.
+pub const API: &[u64] = &[FIONBIO, FIOCLEX, KVM_SIGNAL_MSI];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_numbers_match_the_kernel() {
+        // Values as strace shows them for Keel's own calls.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_IRQFD, 0x4020_ae76);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
+    }
+}

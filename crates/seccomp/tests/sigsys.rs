@@ -1,0 +1,111 @@
+//! A thread that makes a system call outside its filter kills the process with SIGSYS, and
+//! the report on stderr names the thread, its filter and the call. Each case re-executes
+//! this test binary as a child that confines one thread and then misbehaves.
+
+use keel_seccomp::ThreadKind;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+const CHILD: &str = "KEEL_SECCOMP_TEST_CHILD";
+
+/// In the child: confine a thread named `victim` with `kind`, then run `act` on it.
+fn child(case: &str) -> ! {
+    let (kind, act): (ThreadKind, fn()) = match case {
+        "vcpu-socket" => (ThreadKind::Vcpu, || {
+            // SAFETY: plain socket(2) call; the filter traps it before the kernel runs it.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        }),
+        "api-openat" => (ThreadKind::Api, || {
+            let _ = std::fs::File::open("/etc/hostname");
+        }),
+        "device-inet-socket" => (ThreadKind::Device, || {
+            // A device thread may open Unix sockets (vsock), never an Internet one.
+            // SAFETY: plain socket(2) call; the filter traps it before the kernel runs it.
+            unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0) };
+        }),
+        "vcpu-allowed" => (ThreadKind::Vcpu, || {
+            // Only what a vCPU thread may do: memory, a write to stderr, a futex.
+            let v = vec![0u8; 1 << 20];
+            eprintln!("allowed calls only ({} bytes)", v.len());
+        }),
+        other => {
+            eprintln!("unknown case {other}");
+            std::process::exit(2)
+        }
+    };
+    if let Err(e) = keel_seccomp::prepare() {
+        eprintln!("prepare: {e}");
+        std::process::exit(3);
+    }
+    let t = std::thread::Builder::new()
+        .name("victim".into())
+        .spawn(move || {
+            if let Err(e) = keel_seccomp::apply(kind) {
+                eprintln!("apply: {e}");
+                std::process::exit(4);
+            }
+            act();
+        })
+        .unwrap_or_else(|e| {
+            eprintln!("spawn: {e}");
+            std::process::exit(5)
+        });
+    let _ = t.join();
+    std::process::exit(0)
+}
+
+fn run_case(case: &str) -> Result<(std::process::ExitStatus, String), Failed> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .env(CHILD, case)
+        .output()
+        .map_err(|e| format!("cannot run the child: {e}"))?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn expect_sigsys(case: &str, kind: &str, call: &str) -> Result<(), Failed> {
+    let (status, err) = run_case(case)?;
+    if status.signal() != Some(libc::SIGSYS) {
+        return Err(format!(
+            "{case}: expected death by SIGSYS (31), got {status:?}; stderr:\n{err}"
+        )
+        .into());
+    }
+    let want =
+        format!("keel: seccomp: thread 'victim' ({kind} filter) made forbidden syscall {call}");
+    if !err.contains(&want) {
+        return Err(format!("{case}: stderr lacks {want:?}:\n{err}").into());
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Ok(case) = std::env::var(CHILD) {
+        child(&case);
+    }
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::test("vcpu_thread_calling_socket_dies_by_sigsys", || {
+            expect_sigsys("vcpu-socket", "vcpu", "socket (41)")
+        }),
+        Trial::test("api_thread_opening_a_file_dies_by_sigsys", || {
+            expect_sigsys("api-openat", "api", "openat (257)")
+        }),
+        Trial::test(
+            "device_thread_opening_an_inet_socket_dies_by_sigsys",
+            || expect_sigsys("device-inet-socket", "device", "socket (41)"),
+        ),
+        Trial::test("a_thread_within_its_filter_runs_to_the_end", || {
+            let (status, err) = run_case("vcpu-allowed")?;
+            if status.code() != Some(0) || !err.contains("allowed calls only") {
+                return Err(format!("status {status:?}, stderr:\n{err}").into());
+            }
+            Ok(())
+        }),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
