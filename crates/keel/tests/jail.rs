@@ -320,6 +320,30 @@ fn orphan_test() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The supervisor says how the VMM died when it could not say so itself: by SIGSYS (what a
+/// seccomp kill is), or by SIGKILL without an OOM in its cgroup.
+fn death_report_test() -> Result<(), Failed> {
+    for (sig, status, needle) in [
+        (libc::SIGSYS, 159, "killed by SIGSYS"),
+        (libc::SIGKILL, 137, "killed by signal 9"),
+    ] {
+        let child = start(&[]);
+        let pid = confined_vmm(&child);
+        if let Ok(p) = pid {
+            // SAFETY: kill(2) with a plain pid: keel's jailed child, alive (just checked).
+            unsafe { libc::kill(p as i32, sig) };
+        }
+        let o = child.wait_with_output().map_err(|e| e.to_string())?;
+        pid?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.code() != Some(status) || !err.contains(needle) || err.contains("out of memory")
+        {
+            return Err(format!("signal {sig}: status {:?}\n{err}", o.status).into());
+        }
+    }
+    Ok(())
+}
+
 /// `--netns` joins a namespace: the VMM's taps are created there.
 fn netns_test() -> Result<(), Failed> {
     let name = format!("keeljail{}", std::process::id());
@@ -356,6 +380,7 @@ fn main() {
         Trial::test("jail_identity_is_chosen_and_never_root", identity_test),
         Trial::test("no_jail_runs_in_place_with_a_warning", no_jail_test),
         Trial::test("vmm_dies_with_its_supervisor", orphan_test),
+        Trial::test("supervisor_reports_how_the_vmm_died", death_report_test),
         Trial::test("netns_is_joined_with_its_taps", netns_test),
     ];
     let host = support::Host::probe();

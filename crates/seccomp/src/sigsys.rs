@@ -61,9 +61,23 @@ impl Line {
 /// `_sigsys { void *_call_addr; int _syscall; unsigned int _arch; }`.
 const SI_SYSCALL_OFFSET: usize = 24;
 
+/// `si_code` of a SIGSYS raised by a seccomp filter (SYS_SECCOMP).
+const SYS_SECCOMP: i32 = 1;
+
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; for SIGSYS from
-    // seccomp it holds the `_sigsys` member read here (an aligned int within the struct).
+    // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    let mut line = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    if code != SYS_SECCOMP {
+        // Sent by a process (kill -SYS), not by a filter: no syscall to name; die all the same.
+        line.push(b"keel: SIGSYS sent to the VMM (not from its seccomp filter); stopping\n");
+        die(&line);
+    }
+    // SAFETY: for SIGSYS from seccomp (checked above) the siginfo_t holds the `_sigsys`
+    // member read here (an aligned int within the struct).
     let nr = unsafe {
         info.cast::<u8>()
             .add(SI_SYSCALL_OFFSET)
@@ -71,10 +85,6 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             .read()
     };
     let (name, kind) = THREAD.with(|t| t.get());
-    let mut line = Line {
-        buf: [0; 256],
-        len: 0,
-    };
     line.push(b"keel: seccomp: thread '");
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     line.push(name.get(..end).unwrap_or(&[]));
@@ -91,6 +101,15 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b" (");
     line.push_num(u64::from(nr.unsigned_abs()));
     line.push(b"); stopping the VM\n");
+    die(&line);
+}
+
+/// A syscall number x86_64 Linux does not have, so every filter's default action (trap)
+/// applies to it.
+const NO_SUCH_SYSCALL: libc::c_long = 1023;
+
+/// Writes `line` to stderr and dies by SIGSYS. Async-signal-safe.
+fn die(line: &Line) -> ! {
     // SAFETY: write(2), sigaction, sigprocmask and raw tgkill are async-signal-safe; every
     // pointer is to a live stack value of the right type.
     unsafe {
@@ -102,6 +121,11 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGSYS);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        // A syscall no filter allows makes the kernel force SIGSYS on this thread, now with
+        // the default action: that kills even the init process of a PID namespace (a jailed
+        // VMM), which ignores a SIGSYS it sends itself.
+        libc::syscall(NO_SUCH_SYSCALL);
+        // Without a filter on this thread (the call just failed with ENOSYS): send it.
         let tid = libc::syscall(libc::SYS_gettid);
         libc::syscall(
             libc::SYS_tgkill,
