@@ -20,10 +20,11 @@ use keel_guest_kit::KitImage;
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::Scratch;
 use support::{skip_all, Host};
 
 const DEFAULT_SEED: u64 = 20261125;
@@ -37,27 +38,6 @@ const SOAK_DISK: u64 = 1 << 20;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
-
-/// A scratch directory, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Scratch, Failed> {
-        let p = std::env::temp_dir().join(format!("keel-chaos-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(Scratch(p))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
@@ -370,7 +350,7 @@ fn chaos_beside_normal() -> Result<(), Failed> {
     let files_before = settled(files_allocated, 1000);
     let mem_before = settled(mem_available_kib, 1000);
 
-    let dir = Scratch::new()?;
+    let dir = Scratch::new("chaos")?;
     let kernel = KitImage::PvhElf.path().to_string_lossy().into_owned();
     let soak_disk = dir.path("soak.raw");
     let soak_args = vec![

@@ -20,14 +20,6 @@ fn kit() -> String {
     KitImage::PvhElf.path().display().to_string()
 }
 
-/// A scratch directory of this test's own.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-jail-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Starts a kit guest that waits for console input (stdin stays open) with `extra` flags.
 fn start(extra: &[&str]) -> Child {
     keel()
@@ -130,12 +122,12 @@ fn with_parents(paths: &[PathBuf]) -> BTreeSet<String> {
 
 /// The Done-when check: a jailed VM's status, namespaces and root, then a clean end.
 fn confined_test() -> Result<(), Failed> {
-    let dir = scratch("confined");
-    let disk = dir.join("disk.img");
-    let ro = dir.join("ro.img");
+    let dir = support::Scratch::new("jail-confined")?;
+    let disk = dir.path("disk.img");
+    let ro = dir.path("ro.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     std::fs::write(&ro, vec![0u8; 1 << 20]).unwrap();
-    let api = dir.join("api.sock");
+    let api = dir.path("api.sock");
     let cid = 40_000 + std::process::id() % 20_000;
     let child = start(&[
         "--disk",
@@ -262,7 +254,6 @@ fn confined_test() -> Result<(), Failed> {
             return Err(format!("{} left behind\n{err}", p.display()).into());
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

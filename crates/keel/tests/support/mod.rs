@@ -82,3 +82,27 @@ pub fn vmm_pid(keel: u32) -> u32 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A scratch directory of the test's own (`$TMPDIR/keel-<tag>-<pid>`), removed at the end.
+#[allow(dead_code)]
+pub struct Scratch(pub PathBuf);
+
+#[allow(dead_code)]
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Scratch, String> {
+        let p = std::env::temp_dir().join(format!("keel-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Scratch(p))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
