@@ -42,6 +42,23 @@ impl Line {
         }
     }
 
+    fn push_hex(&mut self, n: u64) {
+        let mut digits = [0u8; 16];
+        let mut len = 0;
+        let mut v = n;
+        loop {
+            let d = (v & 0xf) as u8;
+            digits[15 - len] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+            len += 1;
+            v >>= 4;
+            if v == 0 || len == 16 {
+                break;
+            }
+        }
+        self.push(b"0x");
+        self.push(&digits[16 - len..]);
+    }
+
     fn push_num(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -64,7 +81,7 @@ const SI_SYSCALL_OFFSET: usize = 24;
 /// `si_code` of a SIGSYS raised by a seccomp filter (SYS_SECCOMP).
 const SYS_SECCOMP: i32 = 1;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler.
     let code = unsafe { (*info).si_code };
     let mut line = Line {
@@ -100,7 +117,28 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(call.as_bytes());
     line.push(b" (");
     line.push_num(u64::from(nr.unsigned_abs()));
-    line.push(b"); stopping the VM\n");
+    line.push(b")");
+    if !ctx.is_null() {
+        // SAFETY: for an SA_SIGINFO handler the kernel passes a valid ucontext_t; the
+        // trapped call's first arguments are in rdi, rsi and rdx (an ioctl's request in rsi).
+        let args = unsafe {
+            let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+            [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX].map(|r| {
+                usize::try_from(r)
+                    .ok()
+                    .and_then(|i| g.get(i))
+                    .map_or(0, |&v| v as u64)
+            })
+        };
+        line.push(b" with arguments ");
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                line.push(b", ");
+            }
+            line.push_hex(*a);
+        }
+    }
+    line.push(b"; stopping the VM\n");
     die(&line);
 }
 

@@ -117,7 +117,12 @@ fn main() {
     let args = Arguments::from_args();
     let trials = vec![
         Trial::test("vcpu_thread_calling_socket_dies_by_sigsys", || {
-            expect_sigsys("vcpu-socket", "vcpu", "socket (41)")
+            // socket(AF_INET, SOCK_STREAM, 0): the report shows the call's arguments.
+            expect_sigsys(
+                "vcpu-socket",
+                "vcpu",
+                "socket (41) with arguments 0x2, 0x1, 0x0;",
+            )
         }),
         Trial::test("api_thread_opening_a_file_dies_by_sigsys", || {
             expect_sigsys("api-openat", "api", "openat (257)")

@@ -94,6 +94,20 @@ pub(super) struct NetHandler {
     tx: Tx,
 }
 
+impl Drop for NetHandler {
+    /// The data path ends with the driver that negotiated its offloads (a reset stops the
+    /// worker, which drops this on its own thread): the next driver may not take partial
+    /// checksums or segments.
+    fn drop(&mut self) {
+        if let Err(e) = self.shared.tap.set_offloads(keel_net::Offloads::NONE) {
+            tracing::warn!(
+                "net {}: clearing the tap's offloads: {e}",
+                self.shared.tap.name()
+            );
+        }
+    }
+}
+
 impl NetHandler {
     /// The handler and the (fd, token) sources for its worker.
     pub(super) fn new(

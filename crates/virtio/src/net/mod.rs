@@ -362,10 +362,8 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        // Stops the worker; its data path clears the tap's offloads as it ends, on the
+        // device thread (a reset runs on the vCPU thread, whose filter has no tap ioctls).
         self.worker = None;
-        // The next driver may not take partial checksums or segments.
-        if let Err(e) = self.tap.set_offloads(Offloads::NONE) {
-            tracing::warn!("{}: clearing the tap's offloads: {e}", self.name());
-        }
     }
 }
