@@ -144,8 +144,10 @@ impl Vm {
     }
 
     fn rss_kib(&self) -> Result<u64, Failed> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .map_err(|e| e.to_string())?;
+        // The VMM is keel's jailed child.
+        let vmm = support::vmm_pid(self.child.id());
+        let s =
+            std::fs::read_to_string(format!("/proc/{vmm}/status")).map_err(|e| e.to_string())?;
         s.lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
