@@ -412,10 +412,9 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<crate::memory::GuestRam
                 size: format_size(size),
                 reason: e.to_string(),
             })? as u64;
-        // SAFETY: `host_addr..+len` is the anonymous mapping of `region`, owned by `mem`.
-        // `mem` is moved into `Shared`, which outlives the VM: the `Vmm` drops `vcpus` and the
-        // VM handle before the last `Arc<Shared>` can go (vCPU threads are joined in `run`).
         // The devices' view holds the same regions, which only keeps the mapping longer.
+        // SAFETY: `host_addr..+len` is `region`'s anonymous mapping, owned by `mem`, which moves
+        // into `Shared`: that outlives the VM (vCPUs joined and the VM dropped in `run` first).
         unsafe {
             vm.map_memory(MemorySlot {
                 guest_addr: region.start_addr().0,
