@@ -105,6 +105,26 @@ pub fn program(kind: ThreadKind) -> Result<BpfProgram, Error> {
     })
 }
 
+/// The refusal filter every thread but the event loop's carries beside its own: the calls in
+/// `rules::REFUSED` fail with EACCES (see there why they are not trapped).
+pub fn refusal_program() -> Result<BpfProgram, Error> {
+    let filter = SeccompFilter::new(
+        rules::refusals(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|source| Error::Build {
+        kind: "refusal",
+        source,
+    })?;
+    filter.try_into().map_err(|source| Error::Compile {
+        kind: "refusal",
+        source,
+    })
+}
+
+/// Every kind's program, then the refusal program.
 static PROGRAMS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
 
 /// Compiles every filter (so threads only install a ready program) and installs the SIGSYS
@@ -112,10 +132,11 @@ static PROGRAMS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
 /// filter is applied.
 pub fn prepare() -> Result<(), Error> {
     if PROGRAMS.get().is_none() {
-        let progs = ThreadKind::ALL
+        let mut progs = ThreadKind::ALL
             .iter()
             .map(|&k| program(k))
             .collect::<Result<Vec<_>, _>>()?;
+        progs.push(refusal_program()?);
         let _ = PROGRAMS.set(progs);
     }
     sigsys::install().map_err(Error::Handler)
@@ -127,6 +148,24 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("unnamed");
     sigsys::record_thread(name, kind.name());
+    let install = |kind_name: &'static str, prog: &BpfProgram| {
+        seccompiler::apply_filter(prog).map_err(|source| Error::Apply {
+            kind: kind_name,
+            thread: name.to_string(),
+            source,
+        })
+    };
+    if kind != ThreadKind::Vmm {
+        let built;
+        let refusal = match PROGRAMS.get().and_then(|p| p.get(ThreadKind::ALL.len())) {
+            Some(p) => p,
+            None => {
+                built = refusal_program()?;
+                &built
+            }
+        };
+        install("refusal", refusal)?;
+    }
     let built;
     let prog = match PROGRAMS.get().and_then(|p| p.get(kind.index())) {
         Some(p) => p,
@@ -135,11 +174,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
             &built
         }
     };
-    seccompiler::apply_filter(prog).map_err(|source| Error::Apply {
-        kind: kind.name(),
-        thread: name.to_string(),
-        source,
-    })
+    install(kind.name(), prog)
 }
 
 /// The name of system call `nr` on x86_64 ("unknown" if it has none).

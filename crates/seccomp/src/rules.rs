@@ -164,9 +164,27 @@ fn ioctls(m: &mut Rules, requests: &[u64]) {
 }
 
 /// The rules of `kind` for a process whose pid is `pid`.
+/// Calls that fail with `EACCES` instead of trapping on every thread but the event loop's: a
+/// second filter ([`refusals`]) turns them into an error, and each kind's list lets them
+/// through to it (stacked filters take the stricter action: errno over allow). glibc's
+/// allocator opens /proc/sys/vm/overcommit_memory the first time it shrinks a thread's heap,
+/// on whichever thread frees memory, and copes when the open fails; no Keel thread but the
+/// event loop opens files.
+pub(crate) const REFUSED: &[c_long] = &[libc::SYS_openat, libc::SYS_open];
+
+/// The rules of the refusal filter: [`REFUSED`], matched unconditionally.
+pub(crate) fn refusals() -> Rules {
+    let mut m = Rules::new();
+    allow(&mut m, REFUSED);
+    m
+}
+
 pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Rules {
     let mut m = Rules::new();
     allow(&mut m, COMMON);
+    // The event loop opens files (teardown); elsewhere the refusal filter installed beside
+    // this one turns these into EACCES.
+    allow(&mut m, REFUSED);
     // Signals only to this process's own threads: the SIGSYS report, vCPU kicks.
     allow_if(&mut m, libc::SYS_tgkill, vec![cond(0, u64::from(pid))]);
     // The SIGSYS report puts the default action back before re-raising.

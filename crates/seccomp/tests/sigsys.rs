@@ -16,8 +16,16 @@ fn child(case: &str) -> ! {
             // SAFETY: plain socket(2) call; the filter traps it before the kernel runs it.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         }),
-        "api-openat" => (ThreadKind::Api, || {
-            let _ = std::fs::File::open("/etc/hostname");
+        "api-socket" => (ThreadKind::Api, || {
+            // SAFETY: plain socket(2) call; the filter traps it before the kernel runs it.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        }),
+        "api-open-refused" => (ThreadKind::Api, || {
+            // Opening a file fails (EACCES) instead of killing: glibc's allocator may try.
+            match std::fs::File::open("/etc/hostname") {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => eprintln!("open refused"),
+                other => eprintln!("open: {other:?}"),
+            }
         }),
         "device-inet-socket" => (ThreadKind::Device, || {
             // A device thread may open Unix sockets (vsock), never an Internet one.
@@ -124,8 +132,19 @@ fn main() {
                 "socket (41) with arguments 0x2, 0x1, 0x0;",
             )
         }),
-        Trial::test("api_thread_opening_a_file_dies_by_sigsys", || {
-            expect_sigsys("api-openat", "api", "openat (257)")
+        Trial::test("api_thread_making_a_socket_dies_by_sigsys", || {
+            expect_sigsys(
+                "api-socket",
+                "api",
+                "socket (41) with arguments 0x1, 0x1, 0x0;",
+            )
+        }),
+        Trial::test("a_thread_opening_a_file_gets_eacces_and_lives", || {
+            let (status, err) = run_case("api-open-refused")?;
+            if status.code() != Some(0) || !err.contains("open refused") {
+                return Err(format!("status {status:?}, stderr:\n{err}").into());
+            }
+            Ok(())
         }),
         Trial::test(
             "device_thread_opening_an_inet_socket_dies_by_sigsys",
