@@ -376,6 +376,19 @@ static void post_simple(struct vdev *d) {
     }
 }
 
+/* Lets interrupts already on their way arrive: a device may signal just after the driver
+   sees its used element (Keel starts a device on its event loop, so the first request after
+   a reset can complete late), so a count taken next sees only what follows. Returns once
+   vector `v` has been quiet for ~20 ms, within ~2 s. */
+static void settle(u8 v) {
+    u32 last = irq_count[v];
+    for (int quiet = 0, i = 0; quiet < 20 && i < 2000; i++) {
+        sleep_until_irq(1000);
+        if (irq_count[v] == last) quiet++;
+        else { last = irq_count[v]; quiet = 0; }
+    }
+}
+
 /* (f) MSI-X abuse: vector numbers past the table, masking and pending bits, garbage
    messages, odd-size and unaligned table accesses, PBA writes, MSI-X off. */
 static void hostile_msix(struct vdev *d) {
@@ -400,6 +413,7 @@ static void hostile_msix(struct vdev *d) {
     mmio_write16(c + C_QMSIX, 1);
 
     /* A masked vector: no interrupt, its pending bit set; unmasking delivers it. */
+    settle(v);
     u32 before = irq_count[v];
     mmio_write32(e1 + 12, 1);
     post_simple(d);
@@ -444,6 +458,7 @@ static void hostile_msix(struct vdev *d) {
     check(wait_irq(v, before, 2000), "msix: unmasking a vector did not deliver its pending interrupt");
     check(!(pba(d) & 2), "msix: the pending bit stayed set after delivery");
     /* Function mask: pending while masked, delivered when cleared. */
+    settle(v);
     before = irq_count[v];
     msix_control(d, 0xc000);
     post_simple(d);
@@ -454,6 +469,7 @@ static void hostile_msix(struct vdev *d) {
     check(wait_irq(v, before, 2000), "msix: clearing the function mask did not deliver the interrupt");
     /* MSI-X off: no message; the ISR says a queue interrupt happened. */
     (void)mmio_read8(d->isr);
+    settle(v);
     before = irq_count[v];
     msix_control(d, 0);
     post_simple(d);
