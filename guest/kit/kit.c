@@ -469,6 +469,7 @@ void kit_main(u64 info, int proto) {
         {"virtio-blk", test_virtio_blk},     {"virtio-hostile", test_virtio_hostile},
         {"spin", test_spin},                 {"cpu-job", test_cpu_job},
         {"touch-ram", test_touch_ram},
+        {"ticks", test_ticks},
         {"blk-read-rate", test_blk_read_rate},
         {"chaos", test_chaos},               {"blk-soak", test_blk_soak},
     };

@@ -154,3 +154,22 @@ void test_touch_ram(struct boot *b) {
         check(bad == 0, "pages lost their pattern while the VM was held");
     }
 }
+
+void test_ticks(struct boot *b) {
+    (void)b;
+    u64 secs = parse_dec(param(b->cmdline, "secs"));
+    if (!secs) secs = 5;
+    idt_install_all();
+    lapic_enable();
+    mmio_write32(LAPIC + 0x320, SPIN_VECTOR | (1 << 17)); /* periodic, ~10 Hz */
+    mmio_write32(LAPIC + 0x380, TICK_NS);
+    u32 seen = 0;
+    while (seen < secs * 10) {
+        __asm__ volatile("sti; hlt; cli");
+        while (seen < irq_count[SPIN_VECTOR]) {
+            seen++;
+            puts("KIT: tick "); putdec(seen); puts("\n");
+        }
+    }
+    mmio_write32(LAPIC + 0x380, 0);
+}

@@ -16,5 +16,8 @@ void test_cpu_job(struct boot *b);
 /* test=touch-ram [hold=N]: writes one word in every 4 KiB page of RAM above 2 MiB, checks a
    sample, optionally sleeps N seconds (halted) and checks every page again. */
 void test_touch_ram(struct boot *b);
+/* test=ticks [secs=N]: prints "KIT: tick N" at ~10 Hz (LAPIC timer, halted in between) for N
+   seconds: a guest whose progress the host can watch stop and resume (pause/resume). */
+void test_ticks(struct boot *b);
 
 #endif

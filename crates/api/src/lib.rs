@@ -29,6 +29,19 @@ pub enum Request {
     BalloonSet { target_bytes: u64 },
     /// The balloon's state and the guest's latest memory statistics.
     BalloonStats,
+    /// Stops every vCPU (the guest does not run until `resume`); answers once they have.
+    Pause,
+    /// Lets a paused guest run again.
+    Resume,
+}
+
+/// Whether the guest runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    #[default]
+    Running,
+    Paused,
 }
 
 /// The balloon as the host sees it.
@@ -49,6 +62,8 @@ pub struct VmInfo {
     pub devices: Vec<String>,
     /// Resident set size of the VMM process.
     pub vmm_rss_bytes: u64,
+    #[serde(default)]
+    pub state: VmState,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +72,7 @@ pub enum Reply {
     Pong,
     Info(VmInfo),
     Balloon(BalloonInfo),
+    State(VmState),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

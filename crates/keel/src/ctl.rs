@@ -26,6 +26,10 @@ enum Verb {
     },
     /// The balloon's size and the guest's memory statistics, as JSON.
     BalloonStats,
+    /// Stop the guest's vCPUs (answers once they have stopped); devices keep their state.
+    Pause,
+    /// Let a paused guest run again.
+    Resume,
 }
 
 pub fn run(args: CtlArgs) -> ExitCode {
@@ -36,6 +40,8 @@ pub fn run(args: CtlArgs) -> ExitCode {
             target_bytes: target,
         },
         Verb::BalloonStats => Request::BalloonStats,
+        Verb::Pause => Request::Pause,
+        Verb::Resume => Request::Resume,
     };
     let result = Client::connect(&args.api_socket).and_then(|mut c| c.call(&req));
     match result {

@@ -96,10 +96,13 @@ const BLOCK_IO: &[c_long] = &[
     libc::SYS_statx,
 ];
 
-/// The control socket: accept, read a line, answer; the balloon target is a config
-/// interrupt (an eventfd write); the RSS comes from a /proc file opened before the filter.
+/// The control socket: accept, read a line, answer; `pause` kicks the vCPU threads; the
+/// balloon target is a config interrupt (an eventfd write); the RSS comes from a /proc file
+/// opened before the filter.
 const API: &[c_long] = &[
     libc::SYS_accept4,
+    // `pause` kicks the vCPU threads: glibc's pthread_kill asks getpid for tgkill.
+    libc::SYS_getpid,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_pread64,

@@ -2,7 +2,7 @@
 //! while the VM runs.
 
 use crate::VmmError;
-use keel_api::{parse_request, BalloonInfo, Reply, Request, Response, VmInfo, MAX_LINE};
+use keel_api::{parse_request, BalloonInfo, Reply, Request, Response, VmInfo, VmState, MAX_LINE};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
@@ -43,15 +43,26 @@ pub(crate) struct Control {
     /// /proc/self/statm, opened before the jail hides /proc and before the API thread is
     /// confined (its filter has no `openat`); `None`: RSS reads as 0.
     pub statm: Option<std::fs::File>,
+    /// The vCPUs, to pause and resume.
+    pub shared: Arc<crate::runner::Shared>,
 }
 
 impl Control {
+    fn state(&self) -> VmState {
+        if self.shared.pause.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
     fn handle(&self, req: Request) -> Response {
         match req {
             Request::Ping => Response::ok(Reply::Pong),
             Request::Info => {
                 let mut info = self.info.clone();
                 info.vmm_rss_bytes = self.statm.as_ref().and_then(rss_bytes).unwrap_or(0);
+                info.state = self.state();
                 Response::ok(Reply::Info(info))
             }
             Request::BalloonSet { target_bytes } => match &self.balloon {
@@ -61,6 +72,20 @@ impl Control {
                     Err(e) => Response::error(e),
                 },
             },
+            Request::Pause => {
+                let sh = &self.shared;
+                match sh
+                    .pause
+                    .pause(|| sh.running_vcpus(), crate::pause::PAUSE_TIMEOUT)
+                {
+                    Ok(()) => Response::ok(Reply::State(self.state())),
+                    Err(e) => Response::error(e),
+                }
+            }
+            Request::Resume => {
+                self.shared.pause.resume();
+                Response::ok(Reply::State(self.state()))
+            }
             Request::BalloonStats => match &self.balloon {
                 None => Response::error("this VM has no balloon (start it with --balloon)"),
                 Some(b) => Response::ok(Reply::Balloon(b.info())),

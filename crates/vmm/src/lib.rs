@@ -16,6 +16,7 @@ mod devices;
 mod error;
 pub mod exit;
 mod memory;
+mod pause;
 pub mod quirks;
 mod report;
 mod runner;

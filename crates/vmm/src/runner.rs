@@ -92,6 +92,7 @@ pub(crate) struct Shared {
     pub(crate) stop: Arc<StopState>,
     counters: Counters,
     running_vcpus: AtomicU32,
+    pub(crate) pause: crate::pause::PauseGate,
 }
 
 impl Shared {
@@ -109,6 +110,7 @@ impl Shared {
             stop,
             counters: Counters::default(),
             running_vcpus: AtomicU32::new(vcpus),
+            pause: crate::pause::PauseGate::default(),
         }
     }
 }
@@ -219,8 +221,19 @@ fn vcpu_thread(mut vcpu: Vcpu, sh: Arc<Shared>, seccomp: bool) {
     }
 }
 
+impl Shared {
+    /// vCPUs that have not halted for good.
+    pub(crate) fn running_vcpus(&self) -> u32 {
+        self.running_vcpus.load(Ordering::SeqCst)
+    }
+}
+
 fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     while !sh.stop.is_stopping() {
+        sh.pause.park_if_requested(|| sh.stop.is_stopping());
+        if sh.stop.is_stopping() {
+            break;
+        }
         match handle_exit(vcpu, sh) {
             Next::Continue => {}
             Next::Stop(reason) => {
@@ -281,9 +294,11 @@ impl Vmm {
                         memory_bytes: config.memory,
                         devices: pci.names.clone(),
                         vmm_rss_bytes: 0,
+                        state: keel_api::VmState::Running,
                     },
                     balloon: pci.balloon.clone(),
                     statm,
+                    shared: shared.clone(),
                 };
                 Some(crate::api::ApiServer::start(
                     l,
@@ -318,8 +333,13 @@ impl Vmm {
                 }
             }
         }
+        shared
+            .pause
+            .register_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         let console = Console::new(console_in, console_escape);
         event_loop(&shared, &serial, &activator, console, power);
+        // No kick may name a thread once it is joined.
+        shared.pause.register_threads(Vec::new());
         stop_threads(threads);
         drop(vm);
         serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
