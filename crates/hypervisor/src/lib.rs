@@ -12,6 +12,7 @@ mod error;
 mod host;
 mod irq;
 mod kick;
+mod state;
 mod vcpu;
 mod vm;
 
@@ -19,6 +20,7 @@ pub use error::{Error, Result};
 pub use host::{Capability, HostInfo, KvmKind};
 pub use irq::{IrqRouter, MsiMessage, IOAPIC_PINS};
 pub use kick::{install_kick_handler, kick_signal};
+pub use state::VcpuState;
 pub use vcpu::{InternalErrorInfo, Vcpu, VcpuExit};
 pub use vm::{MemorySlot, Vm};
 
@@ -74,6 +76,14 @@ impl Hypervisor {
         self.kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Ioctl("KVM_GET_SUPPORTED_CPUID", e.into()))
+    }
+
+    /// The MSRs KVM can save and restore for a vCPU (for [`Vcpu::save_state`]).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(|e| Error::Ioctl("KVM_GET_MSR_INDEX_LIST", e.into()))
     }
 
     /// Creates an empty VM (no memory, no vCPUs).

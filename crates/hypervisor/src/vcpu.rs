@@ -69,7 +69,7 @@ impl InternalErrorInfo {
 
 /// A KVM vCPU. Owned by the one thread that runs it.
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     id: u32,
 }
 
