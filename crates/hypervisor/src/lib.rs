@@ -20,7 +20,7 @@ pub use error::{Error, Result};
 pub use host::{Capability, HostInfo, KvmKind};
 pub use irq::{IrqRouter, MsiMessage, IOAPIC_PINS};
 pub use kick::{install_kick_handler, kick_signal};
-pub use state::VcpuState;
+pub use state::{FpuState, VcpuState, VmState};
 pub use vcpu::{InternalErrorInfo, Vcpu, VcpuExit};
 pub use vm::{MemorySlot, Vm};
 

@@ -1,11 +1,13 @@
-//! A vCPU's architectural state as plain data (serde), for snapshots and migration: read
-//! from a stopped vCPU with [`Vcpu::save_state`], written into a fresh one (same CPUID) with
-//! [`Vcpu::restore_state`].
+//! A vCPU's architectural state and a VM's in-kernel devices as plain data (serde), for
+//! snapshots and migration: read from a stopped vCPU with [`Vcpu::save_state`], written into
+//! a fresh one (same CPUID) with [`Vcpu::restore_state`]; the PICs, IOAPIC, PIT and KVM clock
+//! with [`Vm::save_state`] and [`Vm::restore_state`].
 
-use crate::{Error, Result, Vcpu};
+use crate::{Error, Result, Vcpu, Vm};
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, Msrs,
+    kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -141,6 +143,61 @@ impl Vcpu {
         self.fd
             .set_mp_state(state.mp_state)
             .map_err(io("KVM_SET_MP_STATE"))?;
+        Ok(())
+    }
+}
+
+/// The VM-wide state KVM keeps in the kernel: interrupt controllers, the PIT and the clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+fn chip(id: u32) -> kvm_irqchip {
+    kvm_irqchip {
+        chip_id: id,
+        ..Default::default()
+    }
+}
+
+impl Vm {
+    /// Reads the in-kernel devices' state (the vCPUs should be stopped).
+    pub fn save_state(&self) -> Result<VmState> {
+        let io = |what: &'static str| move |e: kvm_ioctls::Error| Error::Ioctl(what, e.into());
+        let get = |id: u32| {
+            let mut c = chip(id);
+            self.fd
+                .get_irqchip(&mut c)
+                .map(|()| c)
+                .map_err(io("KVM_GET_IRQCHIP"))
+        };
+        Ok(VmState {
+            pic_master: get(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: get(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: get(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(io("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(io("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes `state` into this VM (created with [`Vm::create_irqchip`]). The clock is set
+    /// to the saved time: guest time does not jump by how long the VM was stopped.
+    pub fn restore_state(&self, state: &VmState) -> Result<()> {
+        let io = |what: &'static str| move |e: kvm_ioctls::Error| Error::Ioctl(what, e.into());
+        for c in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(c).map_err(io("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&state.pit).map_err(io("KVM_SET_PIT2"))?;
+        // Only the time: the flags KVM reports (e.g. the TSC being stable) are not settable.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(io("KVM_SET_CLOCK"))?;
         Ok(())
     }
 }

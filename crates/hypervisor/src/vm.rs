@@ -21,7 +21,7 @@ pub struct MemorySlot {
 
 /// An open KVM VM.
 pub struct Vm {
-    fd: Arc<VmFd>,
+    pub(crate) fd: Arc<VmFd>,
     router: IrqRouter,
     host: HostInfo,
     next_slot: u32,
