@@ -1,0 +1,287 @@
+//! The on-disk snapshot container (`docs/snapshot-format.md`): a directory holding the
+//! snapshot's parts (VM config, vCPU and device state, guest memory, ...) as files, and a
+//! manifest, `snapshot.json`, naming each part with its size and SHA-256, under a format
+//! version and, when the snapshot was taken with a key, an HMAC-SHA256 over the manifest.
+//!
+//! A snapshot is untrusted input: [`Snapshot::open`] bounds the manifest's size, parses it
+//! strictly, refuses part names that could leave the directory, and checks every part's size
+//! and checksum (and the HMAC) before anything in it is used. Each way a snapshot can be bad
+//! has its own [`Error`] variant, so the CLI can say exactly what is wrong.
+
+mod manifest;
+
+pub use manifest::{Manifest, Part, FORMAT, VERSION};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The manifest's file name in a snapshot directory.
+pub const MANIFEST: &str = "snapshot.json";
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not a Keel snapshot (no {MANIFEST})")]
+    NotASnapshot(PathBuf),
+    #[error("snapshot manifest is malformed: {0}")]
+    Malformed(String),
+    #[error(
+        "snapshot format version {found} is not supported (this Keel reads version {VERSION})"
+    )]
+    WrongVersion { found: u32 },
+    #[error("snapshot part {name} is truncated: {actual} bytes, the manifest says {expected}")]
+    Truncated {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("snapshot part {name} is corrupted: its SHA-256 does not match the manifest")]
+    Corrupted { name: String },
+    #[error("snapshot part {name} is {actual} bytes, the manifest says {expected}")]
+    SizeMismatch {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("the snapshot was tampered with: its HMAC does not match the key")]
+    Tampered,
+    #[error("the snapshot is authenticated: give the key it was taken with (--snapshot-key)")]
+    KeyRequired,
+    #[error("the snapshot is not authenticated, but a key was given: refusing it")]
+    NotAuthenticated,
+    #[error("the snapshot key is empty")]
+    EmptyKey,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The SHA-256 and length of a file, read in blocks.
+fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(buf.get(..n).unwrap_or(&[]));
+        len += n as u64;
+    }
+    Ok((hex(&h.finalize()), len))
+}
+
+fn mac(key: &[u8], body: &[u8]) -> Result<HmacSha256> {
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    let mut m = HmacSha256::new_from_slice(key).map_err(|_| Error::EmptyKey)?;
+    m.update(body);
+    Ok(m)
+}
+
+/// Writes a snapshot directory: parts first, the manifest last (a crash mid-way leaves no
+/// manifest, so no half snapshot is ever taken for a whole one).
+pub struct Writer {
+    dir: PathBuf,
+    parts: Vec<Part>,
+}
+
+impl Writer {
+    /// Creates `dir` (which must not exist yet, or be empty).
+    pub fn create(dir: &Path) -> Result<Writer> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if std::fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
+            return Err(Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the snapshot directory is not empty",
+                ),
+            });
+        }
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            parts: Vec::new(),
+        })
+    }
+
+    /// Where part `name` goes, for parts written by other means (e.g. guest memory).
+    pub fn part_path(&self, name: &str) -> Result<PathBuf> {
+        manifest::check_name(name)?;
+        Ok(self.dir.join(name))
+    }
+
+    /// Writes part `name` from bytes.
+    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.part_path(name)?;
+        let mut f = File::create(&path).map_err(io(&path))?;
+        f.write_all(bytes).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))?;
+        self.add_part(name)
+    }
+
+    /// Records part `name`, already written at [`Writer::part_path`].
+    pub fn add_part(&mut self, name: &str) -> Result<()> {
+        let path = self.part_path(name)?;
+        let (sha256, size) = hash_file(&path)?;
+        self.parts.push(Part {
+            name: name.to_string(),
+            size,
+            sha256,
+        });
+        Ok(())
+    }
+
+    /// Writes the manifest (with an HMAC when `key` is given) and finishes the snapshot.
+    pub fn finish(self, key: Option<&[u8]>) -> Result<Manifest> {
+        let mut m = Manifest {
+            format: FORMAT.to_string(),
+            version: VERSION,
+            parts: self.parts,
+            hmac: None,
+        };
+        m.validate()?;
+        if let Some(k) = key {
+            let tag = mac(k, &m.signed_bytes()?)?.finalize().into_bytes();
+            m.hmac = Some(hex(&tag));
+        }
+        let text = serde_json::to_vec_pretty(&m).map_err(|e| Error::Malformed(e.to_string()))?;
+        let tmp = self.dir.join(".snapshot.json.tmp");
+        let path = self.dir.join(MANIFEST);
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&text).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(m)
+    }
+}
+
+/// A snapshot directory whose manifest, part sizes, checksums and HMAC all checked out.
+#[derive(Debug)]
+pub struct Snapshot {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Snapshot {
+    /// Opens and verifies the snapshot in `dir`. With `key`, the snapshot must carry a
+    /// matching HMAC; without, it must carry none.
+    pub fn open(dir: &Path, key: Option<&[u8]>) -> Result<Snapshot> {
+        let path = dir.join(MANIFEST);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotASnapshot(dir.to_path_buf()))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut text = Vec::new();
+        f.take(MAX_MANIFEST + 1)
+            .read_to_end(&mut text)
+            .map_err(io(&path))?;
+        if text.len() as u64 > MAX_MANIFEST {
+            return Err(Error::Malformed(format!(
+                "{MANIFEST} is larger than {MAX_MANIFEST} bytes"
+            )));
+        }
+        let manifest = Manifest::parse(&text)?;
+        match (key, &manifest.hmac) {
+            (Some(k), Some(tag)) => {
+                let tag = unhex(tag).ok_or(Error::Tampered)?;
+                mac(k, &manifest.signed_bytes()?)?
+                    .verify_slice(&tag)
+                    .map_err(|_| Error::Tampered)?;
+            }
+            (Some(_), None) => return Err(Error::NotAuthenticated),
+            (None, Some(_)) => return Err(Error::KeyRequired),
+            (None, None) => {}
+        }
+        for p in &manifest.parts {
+            let file = dir.join(&p.name);
+            let actual = std::fs::metadata(&file).map_err(io(&file))?.len();
+            if actual < p.size {
+                return Err(Error::Truncated {
+                    name: p.name.clone(),
+                    expected: p.size,
+                    actual,
+                });
+            }
+            if actual != p.size {
+                return Err(Error::SizeMismatch {
+                    name: p.name.clone(),
+                    expected: p.size,
+                    actual,
+                });
+            }
+            let (sha, _) = hash_file(&file)?;
+            if sha != p.sha256 {
+                return Err(Error::Corrupted {
+                    name: p.name.clone(),
+                });
+            }
+        }
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The path of part `name`, if the manifest lists it.
+    pub fn part(&self, name: &str) -> Option<PathBuf> {
+        self.manifest
+            .parts
+            .iter()
+            .any(|p| p.name == name)
+            .then(|| self.dir.join(name))
+    }
+
+    /// Reads part `name` whole (for the small state parts; memory is mapped instead).
+    pub fn read_part(&self, name: &str) -> Result<Vec<u8>> {
+        let path = self
+            .part(name)
+            .ok_or_else(|| Error::Malformed(format!("the snapshot has no part {name}")))?;
+        std::fs::read(&path).map_err(io(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests;
