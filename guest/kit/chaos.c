@@ -139,16 +139,7 @@ static u64 garbage(u64 r) {
 }
 
 static void poke(u64 a, u32 size, int read, u64 v) {
-    switch (size | (read ? 16 : 0)) {
-    case 1: mmio_write8(a, (u8)v); break;
-    case 2: mmio_write16(a, (u16)v); break;
-    case 4: mmio_write32(a, (u32)v); break;
-    case 8: mmio_write64(a, v); break;
-    case 17: (void)mmio_read8(a); break;
-    case 18: (void)mmio_read16(a); break;
-    case 20: (void)mmio_read32(a); break;
-    default: (void)mmio_read64(a); break;
-    }
+    mmio_poke(a, size, read, v);
     n_mmio++;
 }
 

@@ -117,6 +117,8 @@ int find_device(u16 device_id, int nth, struct vdev *d, int index);
 void irq_setup(void);
 u64 msi_address(void);
 void msix_control(struct vdev *d, u16 v);
+/* One access of `size` (1, 2, 4, 8) bytes at `a`: a read, or a write of `v`. */
+void mmio_poke(u64 a, u32 size, int read, u64 v);
 int normal_request(struct vdev *d);
 void queue_program(struct vdev *d, u16 size, u64 desc, u64 avail, u64 used);
 u64 ring_avail(struct vdev *d);

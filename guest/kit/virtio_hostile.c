@@ -46,8 +46,8 @@ static int expect_survives(struct vdev *d, u16 head, u32 max_len, const char *wh
    cannot ask this CPU for an NMI, INIT or SMI (which would be the guest's own doing). */
 static u32 safe_msi_data(u32 v) { return (v & ~0x700u) | 0x20; }
 
-/* One random access of `size` bytes at `a`: a read, or a write of `v`. */
-static void mmio_poke(u64 a, u32 size, int read, u64 v) {
+/* One random access of `size` bytes at `a`: a read, or a write of `v` (chaos.c too). */
+void mmio_poke(u64 a, u32 size, int read, u64 v) {
     switch (size | (read ? 16 : 0)) {
     case 1: mmio_write8(a, (u8)v); break;
     case 2: mmio_write16(a, (u16)v); break;

@@ -148,33 +148,27 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("unnamed");
     sigsys::record_thread(name, kind.name());
-    let install = |kind_name: &'static str, prog: &BpfProgram| {
-        seccompiler::apply_filter(prog).map_err(|source| Error::Apply {
-            kind: kind_name,
-            thread: name.to_string(),
-            source,
-        })
-    };
-    if kind != ThreadKind::Vmm {
-        let built;
-        let refusal = match PROGRAMS.get().and_then(|p| p.get(ThreadKind::ALL.len())) {
-            Some(p) => p,
-            None => {
-                built = refusal_program()?;
-                &built
-            }
+    // A program `prepare` compiled (at `index`), or built now.
+    let install =
+        |kind_name: &'static str, index: usize, build: &dyn Fn() -> Result<BpfProgram, Error>| {
+            let built;
+            let prog = match PROGRAMS.get().and_then(|p| p.get(index)) {
+                Some(p) => p,
+                None => {
+                    built = build()?;
+                    &built
+                }
+            };
+            seccompiler::apply_filter(prog).map_err(|source| Error::Apply {
+                kind: kind_name,
+                thread: name.to_string(),
+                source,
+            })
         };
-        install("refusal", refusal)?;
+    if kind != ThreadKind::Vmm {
+        install("refusal", ThreadKind::ALL.len(), &refusal_program)?;
     }
-    let built;
-    let prog = match PROGRAMS.get().and_then(|p| p.get(kind.index())) {
-        Some(p) => p,
-        None => {
-            built = program(kind)?;
-            &built
-        }
-    };
-    install(kind.name(), prog)
+    install(kind.name(), kind.index(), &|| program(kind))
 }
 
 /// The name of system call `nr` on x86_64 ("unknown" if it has none).

@@ -146,13 +146,18 @@ impl Writer {
         Ok(self.dir.join(name))
     }
 
-    /// Writes part `name` from bytes.
+    /// Writes part `name` from bytes (hashed as they are, not read back).
     pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.part_path(name)?;
         let mut f = File::create(&path).map_err(io(&path))?;
         f.write_all(bytes).map_err(io(&path))?;
         f.sync_all().map_err(io(&path))?;
-        self.add_part(name)
+        self.parts.push(Part {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(bytes)),
+        });
+        Ok(())
     }
 
     /// Records part `name`, already written at [`Writer::part_path`].

@@ -37,10 +37,10 @@ impl PauseGate {
     }
 
     /// On a vCPU thread, before entering the guest: parks while a pause is requested (or
-    /// until `stopping` says the VM ends).
-    pub(crate) fn park_if_requested(&self, stopping: impl Fn() -> bool) {
+    /// until `stopping` says the VM ends). True when it parked.
+    pub(crate) fn park_if_requested(&self, stopping: impl Fn() -> bool) -> bool {
         if !self.requested.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.parked += 1;
@@ -55,6 +55,7 @@ impl PauseGate {
         }
         st.parked -= 1;
         self.cv.notify_all();
+        true
     }
 
     /// Pauses the guest: returns once `running()` vCPUs are parked, or an error after

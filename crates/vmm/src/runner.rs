@@ -230,9 +230,8 @@ impl Shared {
 
 fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     while !sh.stop.is_stopping() {
-        sh.pause.park_if_requested(|| sh.stop.is_stopping());
-        if sh.stop.is_stopping() {
-            break;
+        if sh.pause.park_if_requested(|| sh.stop.is_stopping()) {
+            continue; // the loop's condition sees a stop that ended the pause
         }
         match handle_exit(vcpu, sh) {
             Next::Continue => {}
