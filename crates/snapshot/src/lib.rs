@@ -10,7 +10,7 @@
 
 mod manifest;
 
-pub use manifest::{Manifest, Part, FORMAT, VERSION};
+pub use manifest::{Manifest, Part, PartKind, FORMAT, VERSION};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -105,6 +105,86 @@ fn hash_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex(&h.finalize()), len))
 }
 
+/// Page size of [`PartKind::Pages`] parts.
+pub const PAGE: usize = 4096;
+
+/// Computes the checksum of a [`PartKind::Pages`] part from its pages, in increasing order
+/// (pages not fed are zero).
+#[derive(Default)]
+pub struct PageHasher(Sha256);
+
+impl PageHasher {
+    /// Feeds page `index` (exactly [`PAGE`] bytes); all-zero pages are skipped, as holes are.
+    pub fn page(&mut self, index: u64, bytes: &[u8]) {
+        if bytes.iter().all(|&b| b == 0) {
+            return;
+        }
+        self.0.update(index.to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// The hex digest.
+    pub fn finish(self) -> String {
+        hex(&self.0.finalize())
+    }
+}
+
+/// The [`PartKind::Pages`] checksum and length of a file, reading only its data extents
+/// (SEEK_DATA/SEEK_HOLE; a file system without them reports one extent: still right).
+pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(io(path))?;
+    let len = f.metadata().map_err(io(path))?.len();
+    let fd = f.as_raw_fd();
+    let mut h = PageHasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let Ok(at) = i64::try_from(pos) else { break };
+        // SAFETY: lseek on a valid fd this function owns; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(io(path)(e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io(path)(std::io::Error::last_os_error()));
+        }
+        // Whole pages: an extent boundary inside a page hashes that page once.
+        let start = (data as u64) / PAGE as u64 * PAGE as u64;
+        let end = (hole as u64).min(len);
+        let mut off = start.max(pos);
+        while off < end {
+            let want = usize::try_from((end - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            let want = want.div_ceil(PAGE) * PAGE;
+            let chunk = buf.get_mut(..want).unwrap_or_default();
+            let mut got = 0;
+            while got < chunk.len() {
+                let n = f
+                    .read_at(chunk.get_mut(got..).unwrap_or_default(), off + got as u64)
+                    .map_err(io(path))?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            chunk.get_mut(got..).unwrap_or_default().fill(0);
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                h.page(off / PAGE as u64 + i as u64, page);
+            }
+            off += want as u64;
+        }
+        pos = off.max(end);
+    }
+    Ok((h.finish(), len))
+}
+
 fn mac(key: &[u8], body: &[u8]) -> Result<HmacSha256> {
     if key.is_empty() {
         return Err(Error::EmptyKey);
@@ -156,8 +236,43 @@ impl Writer {
             name: name.to_string(),
             size: bytes.len() as u64,
             sha256: hex(&Sha256::digest(bytes)),
+            kind: PartKind::Whole,
         });
         Ok(())
+    }
+
+    /// Records a part written and hashed by someone else (the VMM writes guest memory and
+    /// device state as it saves them); its size is checked against the file.
+    pub fn add_hashed(&mut self, part: Part) -> Result<()> {
+        let path = self.part_path(&part.name)?;
+        let actual = std::fs::metadata(&path).map_err(io(&path))?.len();
+        if actual != part.size {
+            return Err(Error::SizeMismatch {
+                name: part.name,
+                expected: part.size,
+                actual,
+            });
+        }
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Records disk layer `name`, already at [`Writer::part_path`] (size only).
+    pub fn add_disk_layer(&mut self, name: &str) -> Result<()> {
+        let path = self.part_path(name)?;
+        let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+        self.parts.push(Part {
+            name: name.to_string(),
+            size,
+            sha256: String::new(),
+            kind: PartKind::DiskLayer,
+        });
+        Ok(())
+    }
+
+    /// The directory being written.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Records part `name`, already written at [`Writer::part_path`].
@@ -168,6 +283,7 @@ impl Writer {
             name: name.to_string(),
             size,
             sha256,
+            kind: PartKind::Whole,
         });
         Ok(())
     }
@@ -253,7 +369,11 @@ impl Snapshot {
                     actual,
                 });
             }
-            let (sha, _) = hash_file(&file)?;
+            let sha = match p.kind {
+                PartKind::Whole => hash_file(&file)?.0,
+                PartKind::Pages => hash_pages_file(&file)?.0,
+                PartKind::DiskLayer => continue,
+            };
             if sha != p.sha256 {
                 return Err(Error::Corrupted {
                     name: p.name.clone(),
@@ -264,6 +384,11 @@ impl Snapshot {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// The snapshot's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn manifest(&self) -> &Manifest {

@@ -10,14 +10,39 @@ pub const VERSION: u32 = 1;
 /// Most parts a manifest may list.
 pub const MAX_PARTS: usize = 4096;
 
+/// How a part's checksum covers it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartKind {
+    /// `sha256` is the SHA-256 of the file's bytes.
+    #[default]
+    Whole,
+    /// A sparse file of 4 KiB pages (guest memory): `sha256` covers, in order, the index
+    /// (u64 little-endian) and bytes of every page that is not all zeros, so holes cost
+    /// nothing to hash and the value does not depend on how the file system stores them.
+    Pages,
+    /// A disk layer (a frozen qcow2 overlay): only its size is checked, because hashing it
+    /// would make every snapshot and restore cost as much as reading the disk. Its contents
+    /// are guest data, parsed as untrusted input by the qcow2 reader; `sha256` is empty.
+    DiskLayer,
+}
+
+impl PartKind {
+    fn is_whole(&self) -> bool {
+        *self == PartKind::Whole
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Part {
     /// A file name in the snapshot directory (no path separators).
     pub name: String,
     pub size: u64,
-    /// Lower-case hex SHA-256 of the part's bytes.
+    /// Lower-case hex SHA-256 of the part ([`PartKind`] says of what).
     pub sha256: String,
+    #[serde(default, skip_serializing_if = "PartKind::is_whole")]
+    pub kind: PartKind,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,7 +118,15 @@ impl Manifest {
             if self.parts.iter().take(i).any(|q| q.name == p.name) {
                 return Err(Error::Malformed(format!("part {} is listed twice", p.name)));
             }
-            if p.sha256.len() != 64 || !p.sha256.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+            if p.kind == PartKind::DiskLayer {
+                if !p.sha256.is_empty() {
+                    return Err(Error::Malformed(format!(
+                        "part {}: a disk layer carries no sha256",
+                        p.name
+                    )));
+                }
+            } else if p.sha256.len() != 64
+                || !p.sha256.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
             {
                 return Err(Error::Malformed(format!(
                     "part {}: sha256 is not 64 lower-case hex digits",

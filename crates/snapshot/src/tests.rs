@@ -187,3 +187,98 @@ fn a_writer_never_reuses_a_directory() {
     let d = make("reuse", None);
     assert!(Writer::create(&d.0).is_err());
 }
+
+/// A sparse "memory" file: pages 3 and 700 hold data, one page is written but all zeros.
+fn sparse_memory(path: &Path) -> (String, u64) {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path).unwrap();
+    let len = 1024 * PAGE as u64;
+    f.set_len(len).unwrap();
+    let mut h = PageHasher::default();
+    let a = vec![0x11u8; PAGE];
+    let z = vec![0u8; PAGE];
+    let b: Vec<u8> = (0..PAGE).map(|i| i as u8).collect();
+    for (index, bytes) in [(3u64, &a), (9, &z), (700, &b)] {
+        f.write_all_at(bytes, index * PAGE as u64).unwrap();
+        h.page(index, bytes);
+    }
+    (h.finish(), len)
+}
+
+#[test]
+fn page_parts_hash_only_data_and_ignore_how_holes_are_stored() {
+    let d = Dir::new("pages");
+    std::fs::create_dir_all(&d.0).unwrap();
+    let sparse = d.0.join("sparse");
+    let (sum, len) = sparse_memory(&sparse);
+    assert_eq!(hash_pages_file(&sparse).unwrap(), (sum.clone(), len));
+    // The same bytes written densely (every zero page allocated) hash the same.
+    let dense = d.0.join("dense");
+    std::fs::write(&dense, std::fs::read(&sparse).unwrap()).unwrap();
+    assert_eq!(hash_pages_file(&dense).unwrap().0, sum);
+    // One changed byte in a data page, or data in a hole, changes it.
+    let mut bytes = std::fs::read(&sparse).unwrap();
+    bytes[700 * PAGE + 5] ^= 1;
+    std::fs::write(&dense, &bytes).unwrap();
+    assert_ne!(hash_pages_file(&dense).unwrap().0, sum);
+    bytes[700 * PAGE + 5] ^= 1;
+    bytes[500 * PAGE] = 1;
+    std::fs::write(&dense, &bytes).unwrap();
+    assert_ne!(hash_pages_file(&dense).unwrap().0, sum);
+}
+
+#[test]
+fn page_and_disk_layer_parts_are_checked_by_their_kind() {
+    let d = Dir::new("kinds");
+    let mut w = Writer::create(&d.0).unwrap();
+    let (sha256, size) = sparse_memory(&w.part_path("memory").unwrap());
+    w.add_hashed(Part {
+        name: "memory".into(),
+        size,
+        sha256,
+        kind: PartKind::Pages,
+    })
+    .unwrap();
+    std::fs::write(w.part_path("disk0.1.qcow2").unwrap(), vec![7u8; 8192]).unwrap();
+    w.add_disk_layer("disk0.1.qcow2").unwrap();
+    // A size that does not match the file is refused at once.
+    std::fs::write(w.part_path("x").unwrap(), b"abc").unwrap();
+    let bad = Part {
+        name: "x".into(),
+        size: 4,
+        sha256: "0".repeat(64),
+        kind: PartKind::Whole,
+    };
+    assert!(matches!(w.add_hashed(bad), Err(Error::SizeMismatch { .. })));
+    std::fs::remove_file(w.part_path("x").unwrap()).unwrap();
+    w.finish(Some(KEY)).unwrap();
+    Snapshot::open(&d.0, Some(KEY)).unwrap();
+
+    // A disk layer's contents are not hashed, its size is.
+    let layer = d.0.join("disk0.1.qcow2");
+    std::fs::write(&layer, vec![8u8; 8192]).unwrap();
+    Snapshot::open(&d.0, Some(KEY)).unwrap();
+    std::fs::write(&layer, vec![8u8; 4096]).unwrap();
+    assert!(matches!(
+        Snapshot::open(&d.0, Some(KEY)),
+        Err(Error::Truncated { .. })
+    ));
+    std::fs::write(&layer, vec![8u8; 8192]).unwrap();
+    // Memory data in a hole is corruption.
+    use std::os::unix::fs::FileExt;
+    let mem = File::options()
+        .write(true)
+        .open(d.0.join("memory"))
+        .unwrap();
+    mem.write_all_at(&[1], 100 * PAGE as u64).unwrap();
+    assert!(
+        matches!(Snapshot::open(&d.0, Some(KEY)), Err(Error::Corrupted { name }) if name == "memory")
+    );
+    // A disk layer must not claim a checksum, and the kind cannot be dropped silently
+    // under a key (the HMAC covers it).
+    edit_manifest(&d, |v| v["parts"][1]["sha256"] = "a".repeat(64).into());
+    assert!(matches!(
+        Snapshot::open(&d.0, Some(KEY)),
+        Err(Error::Malformed(_))
+    ));
+}
