@@ -20,6 +20,7 @@
 
 pub mod engine;
 mod error;
+pub mod layers;
 mod lock;
 pub mod qcow2;
 pub mod raw;
@@ -35,7 +36,8 @@ pub use engine::{
     Completion, EngineConfig, EngineKind, IoEngine, Request, RequestKind, ThreadHook,
 };
 pub use error::{Error, Result};
-pub use qcow2::{create_qcow2, create_qcow2_overlay, Qcow2Image};
+pub use layers::{freeze, open_overlay};
+pub use qcow2::{create_qcow2, create_qcow2_overlay, create_qcow2_overlay_in, Qcow2Image};
 pub use raw::RawImage;
 
 /// How many images a backing chain may hold below the top image before opening stops.
@@ -106,6 +108,11 @@ pub trait DiskImage: Send + Sync {
     /// read-only ones. Only raw images opened without `O_DIRECT` and with a given format
     /// offer it; everything else goes through the methods above.
     fn raw_file_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+    /// The descriptor holding the image's file lock, if it has a file (see
+    /// [`layers::freeze`]).
+    fn lock_fd(&self) -> Option<std::os::unix::io::RawFd> {
         None
     }
 }

@@ -163,6 +163,10 @@ impl DiskImage for RawImage {
         ImageFormat::Raw
     }
 
+    fn lock_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.storage.raw_fd()
+    }
+
     fn raw_file_fd(&self) -> Option<std::os::unix::io::RawFd> {
         if self.probed || self.storage.direct() {
             return None;

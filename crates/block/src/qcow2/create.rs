@@ -47,6 +47,53 @@ pub fn create_qcow2_overlay(
 }
 
 fn create(path: &Path, size: u64, backing: Option<(&Path, ImageFormat)>) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let r = write_image(&file, path, size, backing);
+    if r.is_err() {
+        // Leave no half-made image behind.
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Writes a fresh qcow2 v3 overlay of `size` bytes into `file` (which must be empty),
+/// recording `backing_name` (with its format) as its backing file, without opening it: for
+/// a caller that already holds the backing image (a running VM's disk, locked by it) and
+/// will open the overlay with [`crate::open_overlay`]. `path` only names the file in errors.
+pub fn create_qcow2_overlay_in(
+    file: &std::fs::File,
+    path: &Path,
+    size: u64,
+    backing_name: &Path,
+    backing_format: ImageFormat,
+) -> Result<()> {
+    let len = file.metadata().map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if len.len() != 0 {
+        return Err(Error::Create {
+            path: path.to_path_buf(),
+            reason: "the file is not empty".into(),
+        });
+    }
+    write_image(file, path, size, Some((backing_name, backing_format)))
+}
+
+fn write_image(
+    file: &std::fs::File,
+    path: &Path,
+    size: u64,
+    backing: Option<(&Path, ImageFormat)>,
+) -> Result<()> {
     let fail = |reason: String| Error::Create {
         path: path.to_path_buf(),
         reason,
@@ -110,27 +157,13 @@ fn create(path: &Path, size: u64, backing: Option<(&Path, ImageFormat)>) -> Resu
         set_refcount(&mut block, REFCOUNT_ORDER, i, 1);
     }
 
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
     let written = file
         .write_all_at(&head, 0)
         .and_then(|()| file.write_all_at(&table, rt))
         .and_then(|()| file.write_all_at(&block, rb))
         .and_then(|()| file.set_len(clusters * cs))
         .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        // Leave no half-made image behind.
-        let _ = std::fs::remove_file(path);
-        return Err(fail(e.to_string()));
-    }
-    Ok(())
+    written.map_err(|e| fail(e.to_string()))
 }
 
 fn put(buf: &mut [u8], off: u64, bytes: &[u8]) {

@@ -32,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use create::{create_qcow2, create_qcow2_overlay};
+pub use create::{create_qcow2, create_qcow2_overlay, create_qcow2_overlay_in};
 
 use self::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use self::refcount::{Io, Refcounts};
@@ -104,6 +104,28 @@ impl Qcow2Image {
                     image: name.to_string(),
                     backing: String::from_utf8_lossy(b).into_owned(),
                 }),
+            },
+        )
+    }
+
+    /// Opens the qcow2 overlay in `storage` over `backing`, an image the caller already
+    /// holds, whatever backing file name the header records (it must record one).
+    pub(crate) fn open_over(
+        storage: Box<dyn Storage>,
+        name: String,
+        read_only: bool,
+        backing: Arc<dyn DiskImage>,
+    ) -> Result<Self> {
+        let image = name.clone();
+        Self::open_inner(
+            storage,
+            name,
+            read_only,
+            &|h: &Header| match &h.backing_file {
+                Some(_) => Ok(Some(backing.clone())),
+                None => Err(Error::InvalidArgument(format!(
+                    "{image}: not an overlay (its header names no backing file)"
+                ))),
             },
         )
     }
@@ -626,6 +648,10 @@ impl DiskImage for Qcow2Image {
             },
             |guest, n| self.write_chunk(zeros.get(..n as usize).unwrap_or_default(), guest),
         )
+    }
+
+    fn lock_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.storage.raw_fd()
     }
 
     fn read_only(&self) -> bool {
