@@ -11,8 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longest request or response line accepted, in bytes.
@@ -33,6 +34,85 @@ pub enum Request {
     Pause,
     /// Lets a paused guest run again.
     Resume,
+    /// Takes a snapshot (pausing the guest meanwhile; it runs again afterwards if it ran
+    /// before). File descriptors travel with the request line (SCM_RIGHTS), in this order:
+    /// the memory part, the state part, then one new empty file per entry of `overlays`.
+    Snapshot(SnapshotRequest),
+}
+
+/// What `snapshot` needs besides its files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// For every writable disk: where the VM writes from now on, a new qcow2 overlay over
+    /// the disk as the snapshot froze it.
+    #[serde(default)]
+    pub overlays: Vec<NewOverlay>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOverlay {
+    /// Index of the disk (`--disk` order).
+    pub disk: usize,
+    /// The overlay's host path (the file itself comes with the request), so later
+    /// snapshots can name it.
+    pub path: PathBuf,
+    /// The backing file name written in its header (informational: Keel stacks layers by
+    /// the snapshot's own list).
+    pub backing_name: PathBuf,
+}
+
+/// One file of a disk's chain of images.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub path: PathBuf,
+    /// "raw" or "qcow2".
+    pub format: String,
+}
+
+/// Identity of a file at one moment: if any of it changed, so may the file's contents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// A disk as the VM uses it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub index: usize,
+    pub read_only: bool,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bottom first. The first is the image the VM was started on (which may have a qcow2
+    /// backing chain of its own); the others are Keel's overlays; the VM writes the last
+    /// (unless `read_only`).
+    pub layers: Vec<Layer>,
+}
+
+/// A disk as a snapshot froze it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenDisk {
+    pub index: usize,
+    /// The layers as they were at the snapshot (all read-only from then on), bottom first.
+    pub layers: Vec<Layer>,
+    /// Each layer's identity once frozen, in the same order.
+    pub identities: Vec<FileIdentity>,
+}
+
+/// What `snapshot` did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The memory and state parts, written and hashed.
+    pub parts: Vec<keel_snapshot::Part>,
+    pub disks: Vec<FrozenDisk>,
+    /// How long the guest was paused, in microseconds.
+    pub downtime_us: u64,
+    /// Guest memory bytes written (non-zero pages).
+    pub memory_data_bytes: u64,
 }
 
 /// Whether the guest runs.
@@ -64,6 +144,8 @@ pub struct VmInfo {
     pub vmm_rss_bytes: u64,
     #[serde(default)]
     pub state: VmState,
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +155,7 @@ pub enum Reply {
     Info(VmInfo),
     Balloon(BalloonInfo),
     State(VmState),
+    Snapshot(SnapshotReply),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,12 +221,34 @@ impl Client {
         })
     }
 
+    /// How long to wait for a reply (30 s unless set; `None`: for ever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.writer.set_read_timeout(timeout)?;
+        Ok(())
+    }
+
     /// Sends `req` and waits for the reply; a refusal comes back as [`ClientError::Refused`].
     pub fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
+        self.call_with_fds(req, &[])
+    }
+
+    /// Like [`Client::call`], passing `fds` with the request (SCM_RIGHTS).
+    pub fn call_with_fds(&mut self, req: &Request, fds: &[RawFd]) -> Result<Reply, ClientError> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let mut line =
             serde_json::to_string(req).map_err(|e| ClientError::Malformed(e.to_string()))?;
         line.push('\n');
-        self.writer.write_all(line.as_bytes())?;
+        if fds.is_empty() {
+            self.writer.write_all(line.as_bytes())?;
+        } else {
+            // The descriptors ride on the first bytes; the rest of a long line follows.
+            let sent = self
+                .writer
+                .send_with_fds(&[line.as_bytes()], fds)
+                .map_err(|e| ClientError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+            self.writer
+                .write_all(line.as_bytes().get(sent..).unwrap_or_default())?;
+        }
         let mut reply = String::new();
         let n = std::io::Read::take(&mut self.reader, MAX_LINE as u64).read_line(&mut reply)?;
         if n == 0 {

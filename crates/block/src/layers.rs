@@ -6,25 +6,24 @@
 use crate::storage::FileStorage;
 use crate::{lock, probe, DiskImage, Error, ImageFormat, Qcow2Image, Result};
 use std::fs::File;
-use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Flushes `image`, turns its exclusive lock into a shared one, and returns a read-only
-/// view of it (writes fail with [`Error::ReadOnly`]). Nothing may write through `image`
-/// itself afterwards (the caller drops every other handle it gave out).
-pub fn freeze(image: Arc<dyn DiskImage>) -> Result<Arc<dyn DiskImage>> {
+/// Flushes `image` and turns its exclusive lock into a shared one, so other VMs may read it
+/// (a clone restored from the snapshot) but none may write it. The caller stops writing it
+/// (it becomes the backing of an overlay, which only reads).
+pub fn freeze(image: &Arc<dyn DiskImage>) -> Result<()> {
     if image.read_only() {
-        return Ok(image);
+        return Ok(());
     }
     image.flush()?;
     if let Some(fd) = image.lock_fd() {
         downgrade(fd).map_err(|e| Error::io(&image.id(), "flock(LOCK_SH)", 0, e))?;
     }
-    Ok(Arc::new(Frozen(image)))
+    Ok(())
 }
 
-fn downgrade(fd: RawFd) -> std::io::Result<()> {
+fn downgrade(fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
     loop {
         // SAFETY: flock only reads the fd, which the image keeps open for this call; converting
         // our own exclusive lock to a shared one cannot block on ourselves.
@@ -70,48 +69,6 @@ pub fn open_overlay(
     Ok(Arc::new(image))
 }
 
-/// A read-only view of an image.
-struct Frozen(Arc<dyn DiskImage>);
-
-impl Frozen {
-    fn refuse(&self) -> Error {
-        Error::ReadOnly { image: self.0.id() }
-    }
-}
-
-impl DiskImage for Frozen {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-        Err(self.refuse())
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn discard(&self, _: u64, _: u64) -> Result<()> {
-        Err(self.refuse())
-    }
-    fn write_zeroes(&self, _: u64, _: u64) -> Result<()> {
-        Err(self.refuse())
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn id(&self) -> String {
-        self.0.id()
-    }
-    fn format(&self) -> ImageFormat {
-        self.0.format()
-    }
-    fn lock_fd(&self) -> Option<RawFd> {
-        self.0.lock_fd()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,8 +103,8 @@ mod tests {
         top.write_at(&[1; 512], 0).unwrap();
 
         // Snapshot 1: freeze the base, continue on overlay 1.
-        let frozen = freeze(top).unwrap();
-        assert!(frozen.write_at(&[0; 512], 0).is_err());
+        freeze(&top).unwrap();
+        let frozen = top;
         // Others may read the frozen base now; nobody may write it.
         let ro = OpenOptions {
             read_only: true,
@@ -171,7 +128,8 @@ mod tests {
         assert_eq!((b[0], b[600]), (1, 2));
 
         // Snapshot 2 on top of it.
-        let f1 = freeze(top).unwrap();
+        freeze(&top).unwrap();
+        let f1 = top;
         let l2 = d.join("disk0.2.qcow2");
         create_qcow2_overlay_in(
             &new_file(&l2),

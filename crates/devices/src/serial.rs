@@ -19,6 +19,23 @@ impl Trigger for IrqTrigger {
 /// The serial port's output: anything that takes bytes (the console, a file, a test buffer).
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The UART's registers and receive FIFO, as plain data for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read (at most the FIFO's 64).
+    pub in_buffer: Vec<u8>,
+}
+
 /// A COM port: 8 registers at (for COM1) I/O port 0x3f8, IRQ 4.
 pub struct Serial {
     uart: Uart<IrqTrigger, NoEvents, SerialOut>,
@@ -31,6 +48,50 @@ impl Serial {
         Serial {
             uart: Uart::new(IrqTrigger(irq), out),
             lost_output: 0,
+        }
+    }
+
+    /// A port in the state `snap` recorded; a FIFO over 64 bytes is refused. Raises the
+    /// interrupt the state has pending, as the port would have.
+    pub fn from_snapshot(
+        irq: EventFd,
+        out: SerialOut,
+        snap: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let uart =
+            Uart::from_state(&st, IrqTrigger(irq), NoEvents, out).map_err(|e| format!("{e:?}"))?;
+        Ok(Serial {
+            uart,
+            lost_output: 0,
+        })
+    }
+
+    /// The port's state, for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let st = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: st.baud_divisor_low,
+            baud_divisor_high: st.baud_divisor_high,
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer,
         }
     }
 
@@ -135,5 +196,34 @@ mod tests {
         s.write(300, &[1, 2]);
         s.write(0, &[]);
         s.read(7, &mut []);
+    }
+
+    #[test]
+    fn state_survives_a_snapshot_and_bad_state_is_refused() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq, Box::new(std::io::sink()));
+        s.write(1, &[0x01]); // received-data interrupt on
+        s.write(7, &[0x5a]); // scratch
+        s.enqueue_input(b"abc");
+        let snap = s.save_state();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r =
+            Serial::from_snapshot(irq2.try_clone().unwrap(), Box::new(std::io::sink()), &back)
+                .unwrap();
+        // The pending received-data interrupt is raised again.
+        assert!(irq2.read().unwrap() >= 1);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let too_much = SerialSnapshot {
+            in_buffer: vec![0; 1000],
+            ..back
+        };
+        let irq3 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(Serial::from_snapshot(irq3, Box::new(std::io::sink()), &too_much).is_err());
     }
 }

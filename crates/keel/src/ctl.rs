@@ -43,7 +43,12 @@ pub fn run(args: CtlArgs) -> ExitCode {
         Verb::Pause => Request::Pause,
         Verb::Resume => Request::Resume,
     };
-    let result = Client::connect(&args.api_socket).and_then(|mut c| c.call(&req));
+    call(&args.api_socket, req)
+}
+
+/// Sends one request, prints the reply as JSON.
+pub fn call(socket: &std::path::Path, req: Request) -> ExitCode {
+    let result = Client::connect(socket).and_then(|mut c| c.call(&req));
     match result {
         Ok(reply) => {
             match serde_json::to_string_pretty(&reply) {

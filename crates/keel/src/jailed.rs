@@ -22,8 +22,16 @@ pub struct JailOptions {
 /// Open files the VMM may have: vCPU fds, eventfds, irqfds, disks, sockets, vsock streams.
 const MAX_FILES: u64 = 4096;
 
-/// `make_io` runs in the VMM process, after the inherited descriptors are closed.
-pub fn run(mut config: VmConfig, make_io: impl FnOnce() -> VmIo, opts: JailOptions) -> ExitCode {
+/// How the jailed child builds its VM (`Vmm::new`, or a restore).
+pub type Build = Box<dyn FnOnce(VmConfig, VmIo) -> Result<Vmm, keel_vmm::VmmError>>;
+
+/// `make_io` and `build` run in the VMM process, after the inherited descriptors are closed.
+pub fn run(
+    mut config: VmConfig,
+    build: Build,
+    make_io: impl FnOnce() -> VmIo,
+    opts: JailOptions,
+) -> ExitCode {
     let name = format!("vm-{}", std::process::id());
     let id = Identity::for_vm(std::process::id());
     let identity = Identity {
@@ -78,7 +86,7 @@ pub fn run(mut config: VmConfig, make_io: impl FnOnce() -> VmIo, opts: JailOptio
                 max_files: MAX_FILES,
                 max_threads: u64::from(config.vcpus) + 256,
             };
-            return vmm(config, make_io(), spec);
+            return vmm(config, build, make_io(), spec);
         }
         Ok(Spawned::Supervisor(s)) => s,
     };
@@ -106,14 +114,14 @@ fn sockets(config: &VmConfig) -> Vec<PathBuf> {
 }
 
 /// The jailed child: set up with the host's view, confine, run.
-fn vmm(config: VmConfig, io: VmIo, mut spec: JailSpec) -> ExitCode {
+fn vmm(config: VmConfig, build: Build, io: VmIo, mut spec: JailSpec) -> ExitCode {
     if let NetNs::Join(p) = &spec.netns {
         if let Err(e) = keel_jail::join_netns(p) {
             eprintln!("keel: {e}");
             return ExitCode::from(2);
         }
     }
-    let vmm = match Vmm::new(config, io) {
+    let vmm = match build(config, io) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("keel: {e}");

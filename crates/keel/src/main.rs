@@ -3,6 +3,8 @@
 mod ctl;
 mod host_check;
 mod jailed;
+mod restore;
+mod snapshot;
 mod terminal;
 
 use clap::{Parser, Subcommand};
@@ -37,12 +39,30 @@ enum Command {
     Run(Box<RunArgs>),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
+    /// Stop a running VM's vCPUs (it keeps its state; `keel resume` lets it run again).
+    Pause(VmArg),
+    /// Let a paused VM run again.
+    Resume(VmArg),
+    /// Snapshot a running VM (memory, vCPUs, devices and disks) into a directory; or list
+    /// or delete snapshots.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Start a VM from a snapshot, on this terminal like `keel run`. Its disks get new
+    /// overlays over the snapshot's, so any snapshot can be restored again, in any order,
+    /// and many times side by side.
+    Restore(Box<restore::RestoreArgs>),
     /// Report whether this host can run Keel VMs: the KVM kind, capabilities, cgroups, devices.
     HostCheck {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct VmArg {
+    /// The VM's API socket (`keel run --api-socket PATH`).
+    #[arg(long, value_name = "SOCKET")]
+    vm: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -271,6 +291,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::HostCheck { json } => host_check::run(json),
         Command::Ctl(args) => ctl::run(args),
+        Command::Pause(a) => ctl::call(&a.vm, keel_api::Request::Pause),
+        Command::Resume(a) => ctl::call(&a.vm, keel_api::Request::Resume),
+        Command::Snapshot(args) => snapshot::run(args),
+        Command::Restore(args) => restore::run(*args),
     }
 }
 
@@ -329,7 +353,7 @@ fn run(args: RunArgs) -> ExitCode {
             gid: args.jail_gid,
             netns: args.netns,
         };
-        return jailed::run(config, io, opts);
+        return jailed::run(config, Box::new(Vmm::new), io, opts);
     }
     tracing::warn!("--no-jail: the VMM runs with all of this process's privileges");
     let vmm = match Vmm::new(config, io()) {

@@ -10,7 +10,7 @@ const STANDARD_SIZE: usize = 256;
 const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
 
 const COMMAND_STATUS: usize = 1;
-const BAR0: usize = 4;
+pub(crate) const BAR0: usize = 4;
 const SUBSYSTEM: usize = 11;
 const CAP_POINTER: usize = 13;
 const INTERRUPT: usize = 15;
@@ -71,8 +71,8 @@ impl BarRegion {
 /// per-dword mask says which bits a guest write may change.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct PciConfiguration {
-    regs: Vec<u32>,
-    writable: Vec<u32>,
+    pub(crate) regs: Vec<u32>,
+    pub(crate) writable: Vec<u32>,
     bars: [Option<BarRegion>; 6],
     last_cap: Option<usize>,
     next_cap: usize,

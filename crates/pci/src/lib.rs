@@ -10,6 +10,7 @@ mod config;
 mod host_bridge;
 mod msix;
 mod root;
+mod state;
 
 pub use config::{BarKind, BarRegion, PciConfiguration, PciHeader};
 pub use host_bridge::HostBridge;
@@ -17,6 +18,7 @@ pub use host_bridge::HostBridge;
 pub use keel_devices::guest_warn;
 pub use msix::{KvmMsiRouter, MsiRouter, MsixConfig, MsixState, MSIX_ENTRY_SIZE};
 pub use root::{BarAllocator, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot};
+pub use state::PciConfigState;
 
 /// Errors building the PCI topology.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,8 @@ pub enum PciError {
     NoCapabilitySpace(usize),
     #[error("setting up an MSI-X vector: {0}")]
     Msi(String),
+    #[error("saved PCI state does not fit this device: {0}")]
+    BadState(String),
 }
 
 /// A PCI function on bus 0.

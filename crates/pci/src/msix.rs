@@ -14,9 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 /// Bytes per MSI-X table entry.
 pub const MSIX_ENTRY_SIZE: u64 = 16;
 const CAP_ID: u8 = 0x11;
-const CONTROL_ENABLE: u16 = 1 << 15;
-const CONTROL_MASK: u16 = 1 << 14;
-const ENTRY_MASKED: u32 = 1;
+pub(crate) const CONTROL_ENABLE: u16 = 1 << 15;
+pub(crate) const CONTROL_MASK: u16 = 1 << 14;
+pub(crate) const ENTRY_MASKED: u32 = 1;
 /// The most vectors one function may have (table size field is 11 bits).
 pub const MAX_VECTORS: usize = 2048;
 
@@ -77,10 +77,10 @@ pub struct MsixState {
 
 /// MSI-X of one function.
 pub struct MsixConfig {
-    state: MsixState,
+    pub(crate) state: MsixState,
     vectors: Vec<(u32, EventFd)>,
     router: Arc<dyn MsiRouter>,
-    cap_offset: Option<usize>,
+    pub(crate) cap_offset: Option<usize>,
 }
 
 impl MsixConfig {
@@ -178,7 +178,7 @@ impl MsixConfig {
         }
     }
 
-    fn update_route(&self, i: usize) {
+    pub(crate) fn update_route(&self, i: usize) {
         let (Some(e), Some((gsi, _))) = (self.state.entries.get(i), self.vectors.get(i)) else {
             return;
         };

@@ -11,13 +11,22 @@ const BARS: usize = 6;
 /// Hands out guest-physical ranges for BARs from a window the host bridge decodes.
 pub struct BarAllocator {
     alloc: AddressAllocator,
+    base: u64,
+    size: u64,
 }
 
 impl BarAllocator {
     pub fn new(base: u64, size: u64) -> Result<Self, PciError> {
         Ok(BarAllocator {
             alloc: AddressAllocator::new(base, size).map_err(|_| PciError::NoBarSpace { size })?,
+            base,
+            size,
         })
+    }
+
+    /// The window BARs are placed in: (base, size).
+    pub fn window(&self) -> (u64, u64) {
+        (self.base, self.size)
     }
 
     /// A naturally aligned range of `size` bytes (a power of two).
@@ -117,6 +126,14 @@ impl PciRoot {
         };
         if moved {
             self.refresh_bars(usize::from(dev));
+        }
+    }
+
+    /// Re-reads where every device's BARs decode: call after restoring devices' state
+    /// (a restore may move BARs without a guest configuration write).
+    pub fn refresh_all_bars(&self) {
+        for slot in 0..self.slots.len() {
+            self.refresh_bars(slot);
         }
     }
 

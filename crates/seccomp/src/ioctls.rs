@@ -21,6 +21,13 @@ pub const KVM_GET_SREGS: u64 = kvm(READ, 0x83, size_of::<kb::kvm_sregs>());
 pub const KVM_TRANSLATE: u64 = kvm(READ | WRITE, 0x85, size_of::<kb::kvm_translation>());
 pub const KVM_GET_MP_STATE: u64 = kvm(READ, 0x98, size_of::<kb::kvm_mp_state>());
 pub const KVM_GET_VCPU_EVENTS: u64 = kvm(READ, 0x9f, size_of::<kb::kvm_vcpu_events>());
+pub const KVM_GET_MSRS: u64 = kvm(READ | WRITE, 0x88, size_of::<kb::kvm_msrs>());
+pub const KVM_GET_FPU: u64 = kvm(READ, 0x8c, size_of::<kb::kvm_fpu>());
+pub const KVM_GET_LAPIC: u64 = kvm(READ, 0x8e, size_of::<kb::kvm_lapic_state>());
+pub const KVM_GET_XCRS: u64 = kvm(READ, 0xa6, size_of::<kb::kvm_xcrs>());
+pub const KVM_GET_IRQCHIP: u64 = kvm(READ | WRITE, 0x62, size_of::<kb::kvm_irqchip>());
+pub const KVM_GET_PIT2: u64 = kvm(READ, 0x9f, size_of::<kb::kvm_pit_state2>());
+pub const KVM_GET_CLOCK: u64 = kvm(READ, 0x7c, size_of::<kb::kvm_clock_data>());
 pub const KVM_SET_GSI_ROUTING: u64 = kvm(WRITE, 0x6a, size_of::<kb::kvm_irq_routing>());
 pub const KVM_IRQFD: u64 = kvm(WRITE, 0x76, size_of::<kb::kvm_irqfd>());
 pub const KVM_IOEVENTFD: u64 = kvm(WRITE, 0x79, size_of::<kb::kvm_ioeventfd>());
@@ -40,8 +47,9 @@ pub const FIOCLEX: u64 = 0x5451;
 /// isatty (tracing checks its output once).
 pub const TCGETS: u64 = 0x5401;
 
-/// What a vCPU thread asks of KVM: run, read its state for a failure report, and what guest
-/// register writes turn into (MSI-X routes, BAR moves of the queue notify ioeventfds).
+/// What a vCPU thread asks of KVM: run, read its state for a failure report or a snapshot,
+/// and what guest register writes turn into (MSI-X routes, BAR moves of the queue notify
+/// ioeventfds).
 pub const VCPU: &[u64] = &[
     KVM_RUN,
     KVM_GET_REGS,
@@ -49,6 +57,10 @@ pub const VCPU: &[u64] = &[
     KVM_TRANSLATE,
     KVM_GET_MP_STATE,
     KVM_GET_VCPU_EVENTS,
+    KVM_GET_MSRS,
+    KVM_GET_FPU,
+    KVM_GET_LAPIC,
+    KVM_GET_XCRS,
     KVM_SET_GSI_ROUTING,
     KVM_IOEVENTFD,
     KVM_IRQFD,
@@ -58,6 +70,10 @@ pub const VCPU: &[u64] = &[
 /// The event loop: the VM-wide ioctls it may need while devices start and stop, and
 /// everything a device it starts may ask.
 pub const VMM: &[u64] = &[
+    // A snapshot reads the in-kernel irqchip, PIT and clock.
+    KVM_GET_IRQCHIP,
+    KVM_GET_PIT2,
+    KVM_GET_CLOCK,
     KVM_SET_GSI_ROUTING,
     KVM_IOEVENTFD,
     KVM_IRQFD,
@@ -90,5 +106,10 @@ mod tests {
         assert_eq!(KVM_IRQFD, 0x4020_ae76);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
+        assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+        assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
+        assert_eq!(KVM_GET_PIT2, 0x8070_ae9f);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
     }
 }

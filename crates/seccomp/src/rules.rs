@@ -108,6 +108,8 @@ const API: &[c_long] = &[
     libc::SYS_pread64,
     libc::SYS_read,
     libc::SYS_recvfrom,
+    // Requests that bring descriptors (a snapshot's files).
+    libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_setsockopt,
     libc::SYS_shutdown,

@@ -105,6 +105,11 @@ fn hash_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex(&h.finalize()), len))
 }
 
+/// The lower-case hex SHA-256 of `bytes` (a [`PartKind::Whole`] checksum).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 /// Page size of [`PartKind::Pages`] parts.
 pub const PAGE: usize = 4096;
 

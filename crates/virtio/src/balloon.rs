@@ -221,7 +221,70 @@ fn max_target_pages(ram: u64) -> u32 {
 pub struct Balloon {
     shared: Arc<Shared>,
     deflate_on_oom: bool,
-    worker: Option<Worker>,
+    worker: Option<Worker<BalloonHandler>>,
+    /// What a paused (or restored) data path carries into its next start.
+    carry: Option<Carry>,
+}
+
+/// A balloon's data-path state across a pause or a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Carry {
+    /// The stats buffer the device holds (a chain taken and not yet used).
+    held: Option<u16>,
+    /// Frames in the balloon: sorted, disjoint runs (first PFN, count).
+    inflated: Vec<(u64, u64)>,
+}
+
+/// What a snapshot keeps of a balloon.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    /// The host's target (`num_pages`) and the driver's `actual`, in 4 KiB pages.
+    pub num_pages: u32,
+    pub actual: u32,
+    pub stats_interval_ms: u64,
+    /// The stats buffer the device holds: returning it asks the driver for fresh numbers.
+    pub held_stats: Option<u16>,
+    /// Frames in the balloon: sorted, disjoint runs (first PFN, count).
+    pub inflated: Vec<(u64, u64)>,
+    pub stats: Option<BalloonStats>,
+}
+
+/// The inflated frames of `ram` as sorted runs.
+fn inflated_runs(ram: &[RamRegion]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for r in ram {
+        for i in 0..r.pages {
+            let set = r
+                .inflated
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0);
+            if !set {
+                continue;
+            }
+            let pfn = r.start_pfn + i;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == pfn => *n += 1,
+                _ => runs.push((pfn, 1)),
+            }
+        }
+    }
+    runs
+}
+
+/// Marks `runs` (sorted, disjoint: checked on restore) inflated in `ram`; returns how many
+/// frames that is. Frames outside `ram` are ignored. Work is bounded by RAM plus runs.
+fn apply_runs(ram: &mut [RamRegion], runs: &[(u64, u64)]) -> u64 {
+    let mut total = 0;
+    for r in ram.iter_mut() {
+        let end = r.start_pfn + r.pages;
+        for &(first, n) in runs {
+            let (lo, hi) = (first.max(r.start_pfn), first.saturating_add(n).min(end));
+            for pfn in lo..hi {
+                total += u64::from(r.flip(pfn, true));
+            }
+        }
+    }
+    total
 }
 
 impl Balloon {
@@ -231,6 +294,7 @@ impl Balloon {
             shared: shared.clone(),
             deflate_on_oom,
             worker: None,
+            carry: None,
         };
         (dev, BalloonHandle(shared))
     }
@@ -312,7 +376,10 @@ impl VirtioDevice for Balloon {
         } else {
             None
         };
-        let ram = ram_regions(&ctx.mem);
+        let mut ram = ram_regions(&ctx.mem);
+        let carry = self.carry.take().unwrap_or_default();
+        let inflated = apply_runs(&mut ram, &carry.inflated);
+        self.shared.inflated_pages.store(inflated, SeqCst);
         let ram_bytes: u64 = ram.iter().map(|r| r.pages << PAGE_SHIFT).sum();
         let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(backend)?;
         let timer = nonblocking_timer().map_err(backend)?;
@@ -340,8 +407,8 @@ impl VirtioDevice for Balloon {
             shared: self.shared.clone(),
             pfn_queues: [inflate, deflate],
             stats_vq: stats.is_some(),
+            held: carry.held.filter(|_| stats.is_some()),
             stats,
-            held: None,
             kick: kick.try_clone().map_err(backend)?,
             timer,
             armed_ms: 0,
@@ -371,10 +438,66 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         *lock(&self.shared.active) = None;
         self.worker = None;
+        self.carry = None;
         // The guest starts over with all its memory; the host's target stays.
         self.shared.actual.store(0, SeqCst);
         self.shared.inflated_pages.store(0, SeqCst);
         self.shared.stats_requested.store(false, SeqCst);
+    }
+    fn pause(&mut self) -> Vec<(usize, Queue)> {
+        *lock(&self.shared.active) = None;
+        let Some(h) = self.worker.take().and_then(Worker::pause) else {
+            return Vec::new();
+        };
+        self.carry = Some(Carry {
+            held: h.held,
+            inflated: inflated_runs(&h.ram),
+        });
+        let [(inflate, _), (deflate, _)] = h.pfn_queues;
+        let mut queues = vec![(INFLATE as usize, inflate), (DEFLATE as usize, deflate)];
+        if let Some((stats, _)) = h.stats {
+            queues.push((STATS as usize, stats));
+        }
+        queues
+    }
+    fn save_state(&self) -> crate::DeviceState {
+        let carry = self.carry.clone().unwrap_or_default();
+        crate::DeviceState::Balloon(Box::new(BalloonState {
+            num_pages: self.shared.num_pages.load(SeqCst),
+            actual: self.shared.actual.load(SeqCst),
+            stats_interval_ms: self.shared.stats_interval_ms.load(SeqCst),
+            held_stats: carry.held,
+            inflated: carry.inflated,
+            stats: lock(&self.shared.stats).clone(),
+        }))
+    }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        let crate::DeviceState::Balloon(b) = state else {
+            return Err(format!("{} state for a balloon", state.kind()));
+        };
+        if let Some(h) = b.held_stats.filter(|&h| h >= QUEUE_MAX_SIZE) {
+            return Err(format!("held stats buffer {h} is outside the queue"));
+        }
+        let mut end = 0u64;
+        for &(first, n) in &b.inflated {
+            if first < end || n == 0 {
+                return Err("inflated frames are not sorted, disjoint runs".into());
+            }
+            end = first
+                .checked_add(n)
+                .ok_or("an inflated run overflows the frame numbers")?;
+        }
+        self.shared.num_pages.store(b.num_pages, SeqCst);
+        self.shared.actual.store(b.actual, SeqCst);
+        self.shared
+            .stats_interval_ms
+            .store(b.stats_interval_ms, SeqCst);
+        *lock(&self.shared.stats) = b.stats.clone();
+        self.carry = Some(Carry {
+            held: b.held_stats,
+            inflated: b.inflated.clone(),
+        });
+        Ok(())
     }
 }
 

@@ -9,12 +9,13 @@
 use crate::device::read_config_bytes;
 use crate::{
     features, types, ActivateContext, ActivateError, DeviceError, EventHandler, GuestMemory,
-    VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
+    StateError, VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
 };
 use keel_block::{DiskImage, EngineConfig, IoEngine, Request, RequestKind, DEVICE_ID_LEN};
 use keel_rate_limiter::{Budget, RateLimiter};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -47,26 +48,101 @@ const SEG_MAX: u32 = QUEUE_MAX_SIZE as u32 - 2;
 /// Discard / write-zeroes: one segment per request, up to 4 GiB - 512 each.
 const MAX_RANGE_SECTORS: u32 = (u32::MAX as u64 / SECTOR) as u32;
 
+/// How long a pause waits for the requests in flight before it gives up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the device and its [`BlockControl`] share.
+struct Backing {
+    image: Arc<dyn DiskImage>,
+    /// The data path runs (on `image`): the image cannot be swapped.
+    running: bool,
+}
+
 /// A virtio block device.
 pub struct Block {
-    image: Arc<dyn DiskImage>,
+    backing: Arc<Mutex<Backing>>,
+    /// The device ID the guest reads (GET_ID): the first image's, kept across replacements.
+    id: String,
     name: String,
     engine: EngineConfig,
     /// Budgets every request is charged to (its own, a VM-wide one); empty: unlimited.
     rate_limit: Vec<Budget>,
-    worker: Option<Worker>,
+    worker: Option<Worker<BlockHandler>>,
+}
+
+/// Control of a block device from the VMM: swapping its image while it is paused (a
+/// snapshot freezes the current image and carries on on an overlay above it).
+#[derive(Clone)]
+pub struct BlockControl {
+    backing: Arc<Mutex<Backing>>,
+    name: String,
+}
+
+fn lock(b: &Mutex<Backing>) -> MutexGuard<'_, Backing> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BlockControl {
+    /// Makes `image` the device's disk from the next start (`resume`). Only while the data
+    /// path is stopped (paused, or not started yet); the new image must have the same size
+    /// and mode (read-only or not), which the driver negotiated with.
+    pub fn replace_image(&self, image: Arc<dyn DiskImage>) -> Result<(), StateError> {
+        let mut b = lock(&self.backing);
+        let device = || format!("block {}", self.name);
+        if b.running {
+            return Err(StateError::NotPaused { device: device() });
+        }
+        let (old, new) = (b.image.size(), image.size());
+        if old != new {
+            return Err(StateError::ImageSize {
+                device: device(),
+                old,
+                new,
+            });
+        }
+        if b.image.read_only() != image.read_only() {
+            return Err(StateError::ImageMode {
+                device: device(),
+                old_read_only: b.image.read_only(),
+                new_read_only: image.read_only(),
+            });
+        }
+        b.image = image;
+        Ok(())
+    }
+
+    /// The image the device runs on (or will, from the next start).
+    pub fn image(&self) -> Arc<dyn DiskImage> {
+        lock(&self.backing).image.clone()
+    }
 }
 
 impl Block {
     /// `name` is for logs (e.g. "vda (disk.img)").
     pub fn new(image: Arc<dyn DiskImage>, name: String, engine: EngineConfig) -> Self {
         Block {
-            image,
+            id: image.id(),
+            backing: Arc::new(Mutex::new(Backing {
+                image,
+                running: false,
+            })),
             name,
             engine,
             rate_limit: Vec::new(),
             worker: None,
         }
+    }
+
+    /// A handle to swap the device's image while it is paused; take it before boxing.
+    pub fn control(&self) -> BlockControl {
+        BlockControl {
+            backing: self.backing.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    fn image(&self) -> Arc<dyn DiskImage> {
+        lock(&self.backing).image.clone()
     }
 
     /// Charges every request to each of `budgets` (1 operation, and its data bytes for reads
@@ -79,7 +155,7 @@ impl Block {
     fn config(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
         let put = |c: &mut [u8; 60], at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
-        put(&mut c, 0, &(self.image.size() / SECTOR).to_le_bytes());
+        put(&mut c, 0, &(self.image().size() / SECTOR).to_le_bytes());
         put(&mut c, 12, &SEG_MAX.to_le_bytes());
         put(&mut c, 20, &(SECTOR as u32).to_le_bytes());
         put(&mut c, 34, &1u16.to_le_bytes()); // num_queues
@@ -108,7 +184,7 @@ impl VirtioDevice for Block {
             | F_SEG_MAX
             | F_BLK_SIZE
             | F_FLUSH;
-        if self.image.read_only() {
+        if self.image().read_only() {
             f |= F_RO;
         } else {
             f |= F_DISCARD | F_WRITE_ZEROES;
@@ -129,7 +205,10 @@ impl VirtioDevice for Block {
         if engine_config.thread_start.is_none() {
             engine_config.thread_start = ctx.hooks.block_io;
         }
-        let engine = IoEngine::new(self.image.clone(), engine_config)
+        // Held until the thread runs: a replacement cannot slip in between.
+        let mut backing = lock(&self.backing);
+        let image = backing.image.clone();
+        let engine = IoEngine::new(image.clone(), engine_config)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         let mut sources = vec![
             (event.as_raw_fd(), TOKEN_QUEUE),
@@ -149,9 +228,9 @@ impl VirtioDevice for Block {
             event,
             engine,
             interrupt: ctx.interrupt.clone(),
-            id: self.image.id(),
-            read_only: self.image.read_only(),
-            capacity: self.image.size(),
+            id: self.id.clone(),
+            read_only: image.read_only(),
+            capacity: image.size(),
             inflight: Vec::new(),
             active: 0,
             throttled: false,
@@ -167,11 +246,25 @@ impl VirtioDevice for Block {
             )
             .map_err(ActivateError::Thread)?,
         );
+        backing.running = true;
         Ok(())
     }
     fn reset(&mut self) {
         // Dropping the worker drops the engine, which finishes queued requests first.
         self.worker = None;
+        lock(&self.backing).running = false;
+    }
+    fn pause(&mut self) -> Vec<(usize, Queue)> {
+        // The thread drains the engine and flushes the image before it hands back the
+        // handler; the engine (no requests left) goes with the handler here.
+        let queues = self
+            .worker
+            .take()
+            .and_then(Worker::pause)
+            .map(|h| vec![(0, h.queue)])
+            .unwrap_or_default();
+        lock(&self.backing).running = false;
+        queues
     }
 }
 
@@ -558,9 +651,21 @@ impl BlockHandler {
     }
 
     fn complete(&mut self) -> Result<(), DeviceError> {
+        if !self.reap()? {
+            return Ok(());
+        }
+        self.notify()?;
+        if std::mem::take(&mut self.throttled) {
+            self.serve_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the requests the engine completed; false if there were none.
+    fn reap(&mut self) -> Result<bool, DeviceError> {
         let done = self.engine.take_completions();
         if done.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         for c in done {
             let Some(req) = self
@@ -595,11 +700,60 @@ impl BlockHandler {
             };
             self.finish(req.head, req.status, status, written)?;
         }
-        self.notify()?;
-        if std::mem::take(&mut self.throttled) {
-            self.serve_queue()?;
+        Ok(true)
+    }
+
+    /// Waits until the engine has completions (or `deadline` passes: an error).
+    fn wait_engine(&self, deadline: Instant) -> Result<(), DeviceError> {
+        let mut pfd = libc::pollfd {
+            fd: self.engine.completion_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(DeviceError::Backend(format!(
+                "{} requests still in flight after {DRAIN_TIMEOUT:?}",
+                self.active
+            )));
         }
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd on the stack, count 1; poll writes only its revents.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
         Ok(())
+    }
+
+    /// Pausing: completes every request in flight, then flushes the image.
+    fn drain(&mut self) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        self.throttled = false;
+        while self.active > 0 {
+            self.wait_engine(deadline)?;
+            if self.reap()? {
+                self.notify()?;
+            }
+        }
+        if self.read_only {
+            return Ok(());
+        }
+        let flush = Request {
+            kind: RequestKind::Flush,
+            offset: 0,
+            buffers: Vec::new(),
+            user_data: u64::MAX,
+        };
+        let failed = |e: String| DeviceError::Backend(format!("flushing the image: {e}"));
+        self.engine
+            .submit(flush)
+            .map_err(|e| failed(e.to_string()))?;
+        loop {
+            self.wait_engine(deadline)?;
+            for c in self.engine.take_completions() {
+                if c.user_data == u64::MAX {
+                    return c.result.map(|_| ()).map_err(|e| failed(e.to_string()));
+                }
+            }
+        }
     }
 
     fn notify(&mut self) -> Result<(), DeviceError> {
@@ -639,6 +793,9 @@ impl EventHandler for BlockHandler {
             TOKEN_RATE => self.rate_timer(),
             _ => self.complete(),
         }
+    }
+    fn quiesce(&mut self) -> Result<(), DeviceError> {
+        self.drain()
     }
 }
 

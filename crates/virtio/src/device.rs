@@ -122,6 +122,32 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the data path (driver reset or VM teardown). The device may be activated again.
     fn reset(&mut self);
+    /// Pauses the data path for a snapshot: takes no new chains, finishes every one already
+    /// taken (used ring and interrupts up to date), stops the device's threads and returns
+    /// the queues it ran, by index, with their positions. Backends (image, tap, sockets)
+    /// stay open. Returns nothing if the data path was not running. `resume` or `reset`
+    /// follows.
+    fn pause(&mut self) -> Vec<(usize, Queue)>;
+    /// Restarts the data path after `pause` (or after `restore_state` on a fresh device)
+    /// on `ctx`'s queues, which carry the saved positions.
+    fn resume(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.activate(ctx)
+    }
+    /// The device's own state (not running: never activated or paused).
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Stateless
+    }
+    /// Takes the device's own state back, on a fresh device; says why it cannot.
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            crate::DeviceState::Stateless => Ok(()),
+            other => Err(format!(
+                "{} state for a {} device",
+                other.kind(),
+                self.name()
+            )),
+        }
+    }
 }
 
 /// Copies `src` (a device's configuration structure) into `data` at `offset`: bytes out of

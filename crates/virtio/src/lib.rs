@@ -13,6 +13,7 @@ mod device;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod state;
 #[cfg(test)]
 pub mod test_util;
 pub mod vsock;
@@ -24,6 +25,7 @@ pub use device::{
     VirtioDevice, VirtioInterrupt, QUEUE_MAX_SIZE,
 };
 pub use pci::{DeviceRuntime, IoEvents, VirtioPciDevice};
+pub use state::{DeviceState, SavedQueue, StateError, VirtioPciState};
 pub use worker::{EventHandler, Worker};
 
 /// Guest memory as every device sees it.

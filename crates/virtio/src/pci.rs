@@ -10,7 +10,7 @@ use keel_pci::{
     BarAllocator, BarKind, BarRegion, MsiRouter, MsixConfig, PciConfiguration, PciDevice, PciError,
     PciHeader,
 };
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -133,8 +133,14 @@ pub struct VirtioPciDevice {
     device: Arc<Mutex<Box<dyn VirtioDevice>>>,
     name: String,
     runtime: DeviceRuntime,
-    /// Bumped by every reset: a queued activation from an older generation does nothing.
-    generation: Arc<AtomicU64>,
+    /// The start of the data path handed to the activator and not yet run: taken by the
+    /// job, or back by a reset (cancelled) or a pause (its queues kept).
+    pending: Arc<Mutex<Option<ActivateContext>>>,
+    /// Paused for a snapshot ([`Self::pause`]): the data path is stopped, `queues` hold
+    /// the positions.
+    paused: bool,
+    /// Where BAR 0 may be placed (the allocator's window).
+    bar_window: (u64, u64),
     signals: Arc<Signals>,
     mem: GuestMemory,
     ioevents: Arc<dyn IoEvents>,
@@ -209,6 +215,7 @@ impl VirtioPciDevice {
             subsystem_id: 0x40,
         });
         let addr = bars.allocate(BAR_SIZE)?;
+        let bar_window = bars.window();
         config.add_bar(
             BarRegion {
                 index: 0,
@@ -258,7 +265,9 @@ impl VirtioPciDevice {
             name: device.name(),
             device: Arc::new(Mutex::new(device)),
             runtime,
-            generation: Arc::new(AtomicU64::new(0)),
+            pending: Arc::new(Mutex::new(None)),
+            paused: false,
+            bar_window,
             signals,
             mem,
             ioevents,
@@ -510,79 +519,23 @@ impl VirtioPciDevice {
             }
             q.set_event_idx(event_idx);
         }
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (q, &max) in self.queues.iter_mut().zip(&self.max_sizes) {
-            // A fresh queue of the same maximum cannot fail to build: `new` validated it.
-            let fresh = Queue::new(max).unwrap_or_default();
-            queues.push(std::mem::replace(q, fresh));
-        }
-        let events = match self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(e) => e,
-            Err(e) => {
-                interrupt.device_broken(&format!("cannot clone queue eventfds: {e}"));
-                return;
-            }
-        };
-        // Keep what the driver programmed visible to it after activation.
-        for (mine, theirs) in self.queues.iter_mut().zip(&queues) {
-            mine.set_size(theirs.size());
-            mine.set_desc_table_address(
-                Some(theirs.desc_table() as u32),
-                Some((theirs.desc_table() >> 32) as u32),
-            );
-            mine.set_avail_ring_address(
-                Some(theirs.avail_ring() as u32),
-                Some((theirs.avail_ring() >> 32) as u32),
-            );
-            mine.set_used_ring_address(
-                Some(theirs.used_ring() as u32),
-                Some((theirs.used_ring() >> 32) as u32),
-            );
-            mine.set_ready(theirs.ready());
-        }
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            interrupt: interrupt.clone(),
-            queues,
-            queue_events: events,
-            features: self.driver_features,
-            hooks: self.runtime.hooks,
-        };
-        // The device starts on the activator's thread (the VMM's event loop), not on this
-        // vCPU thread. Notifications that arrive before its thread runs stay counted in the
-        // queue eventfds (level-triggered epoll sees them); a reset before the job runs
-        // bumps the generation and the job does nothing.
         self.activated = true;
-        let generation = self.generation.load(Ordering::SeqCst);
-        let current = self.generation.clone();
-        let device = self.device.clone();
-        let name = self.name.clone();
-        self.runtime.activator.activate(Box::new(move || {
-            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
-            if current.load(Ordering::SeqCst) != generation {
-                tracing::debug!("{name}: activation cancelled by a reset");
-                return;
-            }
-            match dev.activate(ctx) {
-                Ok(()) => tracing::debug!("{name}: activated"),
-                Err(e) => interrupt.device_broken(&format!("{name}: {e}")),
-            }
-        }));
+        self.launch(false);
     }
 
     /// Stops the device's data path (synchronously: the driver may read the status back
     /// as 0 at once, and then its rings must be free) and cancels a queued activation.
     fn stop_device(&mut self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut dev = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if self.activated {
-            self.dev().reset();
+            dev.reset();
             self.activated = false;
         }
+        self.paused = false;
     }
 
     fn reset(&mut self) {
@@ -751,6 +704,9 @@ impl Drop for VirtioPciDevice {
         self.stop_device();
     }
 }
+
+#[path = "pci_state.rs"]
+mod state_impl;
 
 #[cfg(test)]
 #[path = "pci_tests.rs"]

@@ -17,7 +17,7 @@ const MAX_PER_REQUEST: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: Option<Worker<RngHandler>>,
 }
 
 impl Rng {
@@ -70,6 +70,14 @@ impl VirtioDevice for Rng {
     }
     fn reset(&mut self) {
         self.worker = None;
+    }
+    fn pause(&mut self) -> Vec<(usize, Queue)> {
+        // Each request completes within one wake-up: nothing is left to finish.
+        self.worker
+            .take()
+            .and_then(Worker::pause)
+            .map(|h| vec![(0, h.queue)])
+            .unwrap_or_default()
     }
 }
 

@@ -3,8 +3,8 @@
 
 use crate::VmmError;
 use keel_api::{parse_request, BalloonInfo, Reply, Request, Response, VmInfo, VmState, MAX_LINE};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -45,6 +45,10 @@ pub(crate) struct Control {
     pub statm: Option<std::fs::File>,
     /// The vCPUs, to pause and resume.
     pub shared: Arc<crate::runner::Shared>,
+    /// Where snapshot requests go (run by the event loop).
+    pub snapshots: Option<Arc<crate::snapshot::Requests>>,
+    /// The disks' chains as they are now (updated by each snapshot).
+    pub disks: Arc<std::sync::Mutex<Vec<keel_api::DiskInfo>>>,
 }
 
 impl Control {
@@ -56,13 +60,17 @@ impl Control {
         }
     }
 
-    fn handle(&self, req: Request) -> Response {
+    fn handle(&self, req: Request, fds: Vec<OwnedFd>) -> Response {
+        if !fds.is_empty() && !matches!(req, Request::Snapshot(_)) {
+            return Response::error("this request takes no file descriptors");
+        }
         match req {
             Request::Ping => Response::ok(Reply::Pong),
             Request::Info => {
                 let mut info = self.info.clone();
                 info.vmm_rss_bytes = self.statm.as_ref().and_then(rss_bytes).unwrap_or(0);
                 info.state = self.state();
+                info.disks = self.disks.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 Response::ok(Reply::Info(info))
             }
             Request::BalloonSet { target_bytes } => match &self.balloon {
@@ -86,6 +94,13 @@ impl Control {
                 self.shared.pause.resume();
                 Response::ok(Reply::State(self.state()))
             }
+            Request::Snapshot(req) => match &self.snapshots {
+                None => Response::error("snapshots are not available for this VM"),
+                Some(q) => match q.take(req, fds) {
+                    Ok(r) => Response::ok(Reply::Snapshot(r)),
+                    Err(e) => Response::error(e),
+                },
+            },
             Request::BalloonStats => match &self.balloon {
                 None => Response::error("this VM has no balloon (start it with --balloon)"),
                 Some(b) => Response::ok(Reply::Balloon(b.info())),
@@ -215,6 +230,64 @@ fn serve(listener: &UnixListener, stop: &EventFd, control: &Control) {
     }
 }
 
+/// Most descriptors one read of the socket takes (a snapshot: memory, state, one overlay
+/// per disk); more are closed by the kernel.
+const MAX_FDS: usize = 64;
+
+/// Request lines, and the descriptors (SCM_RIGHTS) that came with them.
+struct LineReader {
+    conn: UnixStream,
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+enum Line {
+    Request(String, Vec<OwnedFd>),
+    TooLong,
+    End,
+}
+
+impl LineReader {
+    fn next(&mut self) -> Line {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let fds = std::mem::take(&mut self.fds);
+                return Line::Request(String::from_utf8_lossy(&line).into_owned(), fds);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Line::TooLong;
+            }
+            let mut chunk = [0u8; 4096];
+            let mut raw = [-1 as RawFd; MAX_FDS];
+            let mut iov = [libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            }];
+            // SAFETY: the iovec points at `chunk`, alive and writable for the call; `raw`
+            // has room for MAX_FDS descriptors.
+            let r = unsafe { self.conn.recv_with_fds(&mut iov, &mut raw) };
+            let (n, nfds) = match r {
+                Ok(v) => v,
+                Err(_) => return Line::End,
+            };
+            for &fd in raw.iter().take(nfds) {
+                if fd >= 0 {
+                    // SAFETY: the kernel just installed `fd` in this process for us; nothing
+                    // else owns it.
+                    self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            if n == 0 {
+                return Line::End;
+            }
+            self.buf
+                .extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+    }
+}
+
 /// Serves one client until it hangs up, goes quiet for 30 s or sends a line too long.
 fn serve_connection(conn: UnixStream, control: &Control) {
     let _ = conn.set_nonblocking(false);
@@ -223,22 +296,25 @@ fn serve_connection(conn: UnixStream, control: &Control) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(conn);
+    let mut reader = LineReader {
+        conn,
+        buf: Vec::new(),
+        fds: Vec::new(),
+    };
     loop {
-        let mut line = String::new();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(n) if n > MAX_LINE => {
+        let (line, fds) = match reader.next() {
+            Line::End => return,
+            Line::TooLong => {
                 let _ = reply(&mut writer, &Response::error("request line too long"));
                 return;
             }
-            Ok(_) => {}
-        }
+            Line::Request(l, fds) => (l, fds),
+        };
         if line.trim().is_empty() {
             continue;
         }
         let resp = match parse_request(&line) {
-            Ok(req) => control.handle(req),
+            Ok(req) => control.handle(req, fds),
             Err(e) => Response::error(e),
         };
         if reply(&mut writer, &resp).is_err() {

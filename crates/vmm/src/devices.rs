@@ -22,6 +22,55 @@ pub(crate) struct DeviceHandles {
     pub balloon: Option<Arc<dyn crate::api::BalloonControl>>,
     /// Where the vsock device listens for host connections (and finds guest-port sockets).
     pub vsock_socket: Option<std::path::PathBuf>,
+    /// The virtio functions, in slot order (to pause, save and restore them).
+    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The disks, in `--disk` order.
+    pub disks: Vec<crate::snapshot::DiskSlot>,
+    pub disk_info: Vec<keel_api::DiskInfo>,
+}
+
+/// A disk's chain of images, opened.
+pub(crate) struct OpenedDisk {
+    /// Bottom first; the last is what the guest sees (and writes, unless read-only).
+    pub images: Vec<Arc<dyn keel_block::DiskImage>>,
+    pub layers: Vec<keel_api::Layer>,
+}
+
+/// Opens the disks of a new VM: each its one image.
+pub(crate) fn open_disks(config: &VmConfig) -> Result<Vec<OpenedDisk>, VmmError> {
+    config
+        .disks
+        .iter()
+        .map(|disk| {
+            let image = open_disk_image(disk)?;
+            Ok(OpenedDisk {
+                layers: vec![keel_api::Layer {
+                    path: disk.path.clone(),
+                    format: image.format().name().to_string(),
+                }],
+                images: vec![image],
+            })
+        })
+        .collect()
+}
+
+fn open_disk_image(disk: &DiskConfig) -> Result<Arc<dyn keel_block::DiskImage>, VmmError> {
+    let format = disk.format.map(|f| match f {
+        DiskFormat::Raw => keel_block::ImageFormat::Raw,
+        DiskFormat::Qcow2 => keel_block::ImageFormat::Qcow2,
+    });
+    keel_block::open_image(
+        &disk.path,
+        &keel_block::OpenOptions {
+            format,
+            read_only: disk.read_only,
+            direct: false,
+        },
+    )
+    .map_err(|source| VmmError::Disk {
+        path: disk.path.clone(),
+        source,
+    })
 }
 
 struct Builder<'a> {
@@ -50,7 +99,9 @@ impl Builder<'_> {
             reason: e.to_string(),
         })?;
         let bar = dev.bar_address().unwrap_or_default();
-        let slot = self.root.add_device(Arc::new(Mutex::new(dev)))?;
+        let dev = Arc::new(Mutex::new(dev));
+        self.handles.virtio.push(dev.clone());
+        let slot = self.root.add_device(dev)?;
         tracing::debug!("PCI 00:{slot:02x}.0: virtio {name}, BAR0 at {bar:#x}");
         self.handles.names.push(name);
         Ok(())
@@ -63,6 +114,7 @@ pub(crate) fn build_pci(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
+    disks: Vec<OpenedDisk>,
     runtime: DeviceRuntime,
     pio: &mut Bus,
     mmio: &mut Bus,
@@ -79,7 +131,17 @@ pub(crate) fn build_pci(
     };
     // One budget all disks draw on, made once; each disk's own budget comes first.
     let vm_io = budget("--io-bps/--io-iops", &config.io_limit)?;
-    for (i, disk) in config.disks.iter().enumerate() {
+    if disks.len() != config.disks.len() {
+        return Err(VmmError::Device {
+            name: "--disk".into(),
+            reason: format!(
+                "{} disks configured, {} opened",
+                config.disks.len(),
+                disks.len()
+            ),
+        });
+    }
+    for (i, (disk, opened)) in config.disks.iter().zip(disks).enumerate() {
         let mut budgets = Vec::new();
         budgets.extend(budget("--disk", &disk.rate_limit)?);
         budgets.extend(vm_io.clone());
@@ -91,7 +153,27 @@ pub(crate) fn build_pci(
                 config.io_limit
             );
         }
-        b.add(Box::new(block_device(i, disk)?.with_rate_limit(budgets)))?;
+        let top = opened
+            .images
+            .last()
+            .cloned()
+            .ok_or_else(|| VmmError::Device {
+                name: disk_name(i),
+                reason: "no image".into(),
+            })?;
+        let block = block_device(i, disk, top.clone()).with_rate_limit(budgets);
+        let control = block.control();
+        b.handles.disk_info.push(keel_api::DiskInfo {
+            index: i,
+            read_only: top.read_only(),
+            size: top.size(),
+            layers: opened.layers,
+        });
+        b.handles.disks.push(crate::snapshot::DiskSlot {
+            images: opened.images,
+            control,
+        });
+        b.add(Box::new(block))?;
     }
     for net in &config.nets {
         b.add(Box::new(net_device(net)?))?;
@@ -172,23 +254,11 @@ fn disk_name(index: usize) -> String {
     format!("vd{}", String::from_utf8_lossy(&s))
 }
 
-fn block_device(index: usize, disk: &DiskConfig) -> Result<keel_virtio::block::Block, VmmError> {
-    let format = disk.format.map(|f| match f {
-        DiskFormat::Raw => keel_block::ImageFormat::Raw,
-        DiskFormat::Qcow2 => keel_block::ImageFormat::Qcow2,
-    });
-    let image = keel_block::open_image(
-        &disk.path,
-        &keel_block::OpenOptions {
-            format,
-            read_only: disk.read_only,
-            direct: false,
-        },
-    )
-    .map_err(|source| VmmError::Disk {
-        path: disk.path.clone(),
-        source,
-    })?;
+fn block_device(
+    index: usize,
+    disk: &DiskConfig,
+    image: Arc<dyn keel_block::DiskImage>,
+) -> keel_virtio::block::Block {
     let name = format!("{} ({})", disk_name(index), disk.path.display());
     tracing::info!(
         "disk {name}: {} {}, {} bytes",
@@ -200,11 +270,7 @@ fn block_device(index: usize, disk: &DiskConfig) -> Result<keel_virtio::block::B
         },
         image.size(),
     );
-    Ok(keel_virtio::block::Block::new(
-        image,
-        name,
-        keel_block::EngineConfig::default(),
-    ))
+    keel_virtio::block::Block::new(image, name, keel_block::EngineConfig::default())
 }
 
 fn net_device(net: &NetConfig) -> Result<keel_virtio::net::Net, VmmError> {

@@ -63,6 +63,9 @@ pub enum VmmError {
         #[source]
         source: keel_block::Error,
     },
+    /// A snapshot that cannot be restored (its contents do not fit this VM or host).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -87,6 +90,7 @@ impl VmmError {
                 | VmmError::ApiSocket { .. }
                 | VmmError::Cgroup(keel_cgroup::CgroupError::BadLimit(_))
                 | VmmError::Net { .. }
+                | VmmError::Snapshot(_)
         )
     }
 }

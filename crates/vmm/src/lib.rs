@@ -20,6 +20,7 @@ mod pause;
 pub mod quirks;
 mod report;
 mod runner;
+pub mod snapshot;
 mod vm;
 
 pub use config::{parse_size, VmConfig};

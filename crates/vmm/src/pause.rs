@@ -5,6 +5,7 @@
 //! each entry and parks on a condition variable. The request returns once every vCPU that is
 //! still running has parked, so the guest is not executing when it answers.
 
+use keel_hypervisor::VcpuState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -12,10 +13,18 @@ use std::time::{Duration, Instant};
 /// How long a pause waits for every vCPU to park.
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A request for every parked vCPU to save its state (a snapshot).
+struct Capture {
+    msr_indices: Vec<u32>,
+    /// By vCPU id.
+    results: Vec<Option<Result<VcpuState, String>>>,
+}
+
 #[derive(Default)]
 struct State {
     /// vCPUs parked now.
     parked: u32,
+    capture: Option<Capture>,
 }
 
 #[derive(Default)]
@@ -37,8 +46,14 @@ impl PauseGate {
     }
 
     /// On a vCPU thread, before entering the guest: parks while a pause is requested (or
-    /// until `stopping` says the VM ends). True when it parked.
-    pub(crate) fn park_if_requested(&self, stopping: impl Fn() -> bool) -> bool {
+    /// until `stopping` says the VM ends), saving its state with `save` when a snapshot asks
+    /// (vCPU `id`). True when it parked.
+    pub(crate) fn park_if_requested(
+        &self,
+        id: u32,
+        stopping: impl Fn() -> bool,
+        save: impl Fn(&[u32]) -> Result<VcpuState, String>,
+    ) -> bool {
         if !self.requested.load(Ordering::SeqCst) {
             return false;
         }
@@ -46,6 +61,12 @@ impl PauseGate {
         st.parked += 1;
         self.cv.notify_all();
         while self.requested.load(Ordering::SeqCst) && !stopping() {
+            if let Some(c) = st.capture.as_mut() {
+                if let Some(slot @ None) = c.results.get_mut(id as usize) {
+                    *slot = Some(save(&c.msr_indices));
+                    self.cv.notify_all();
+                }
+            }
             // A timeout, so a stop needs no wake-up of its own.
             st = self
                 .cv
@@ -94,6 +115,57 @@ impl PauseGate {
         Ok(())
     }
 
+    /// While paused: has each of the `vcpus` parked vCPUs save its state (on its own thread:
+    /// it owns its vCPU), in vCPU id order.
+    pub(crate) fn capture(
+        &self,
+        msr_indices: Vec<u32>,
+        vcpus: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        if !self.is_paused() {
+            return Err("the VM is not paused".into());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.capture = Some(Capture {
+            msr_indices,
+            results: (0..vcpus).map(|_| None).collect(),
+        });
+        self.cv.notify_all();
+        loop {
+            let done = st
+                .capture
+                .as_ref()
+                .is_some_and(|c| c.results.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.capture = None;
+                return Err(format!(
+                    "not every vCPU saved its state within {} ms",
+                    timeout.as_millis()
+                ));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left.min(Duration::from_millis(20)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let c = st.capture.take().map(|c| c.results).unwrap_or_default();
+        c.into_iter()
+            .enumerate()
+            .map(|(i, r)| match r {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i} saved nothing")),
+            })
+            .collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub(crate) fn resume(&self) {
         let _st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,7 +190,11 @@ mod tests {
                 let (g, s, e) = (gate.clone(), stop.clone(), entries.clone());
                 std::thread::spawn(move || {
                     while !s.load(Ordering::SeqCst) {
-                        g.park_if_requested(|| s.load(Ordering::SeqCst));
+                        g.park_if_requested(
+                            0,
+                            || s.load(Ordering::SeqCst),
+                            |_| Err("no vCPU".into()),
+                        );
                         e.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(Duration::from_millis(1));
                     }

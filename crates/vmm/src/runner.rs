@@ -88,7 +88,7 @@ impl Counters {
 pub(crate) struct Shared {
     pio: Bus,
     mmio: Bus,
-    mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMemoryMmap,
     pub(crate) stop: Arc<StopState>,
     counters: Counters,
     running_vcpus: AtomicU32,
@@ -230,7 +230,13 @@ impl Shared {
 
 fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     while !sh.stop.is_stopping() {
-        if sh.pause.park_if_requested(|| sh.stop.is_stopping()) {
+        let id = vcpu.id();
+        let parked = sh.pause.park_if_requested(
+            id,
+            || sh.stop.is_stopping(),
+            |msrs| vcpu.save_state(msrs).map_err(|e| e.to_string()),
+        );
+        if parked {
             continue; // the loop's condition sees a stop that ended the pause
         }
         match handle_exit(vcpu, sh) {
@@ -281,6 +287,8 @@ impl Vmm {
             console_escape,
             config,
             activator,
+            mut snapshotter,
+            disk_info,
             ..
         } = self;
         tracing::debug!("PCI devices: {:?}", pci.names);
@@ -294,10 +302,13 @@ impl Vmm {
                         devices: pci.names.clone(),
                         vmm_rss_bytes: 0,
                         state: keel_api::VmState::Running,
+                        disks: Vec::new(),
                     },
                     balloon: pci.balloon.clone(),
                     statm,
                     shared: shared.clone(),
+                    snapshots: snapshotter.as_ref().map(|s| s.requests.clone()),
+                    disks: disk_info.clone(),
                 };
                 Some(crate::api::ApiServer::start(
                     l,
@@ -336,7 +347,8 @@ impl Vmm {
             .pause
             .register_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         let console = Console::new(console_in, console_escape);
-        event_loop(&shared, &serial, &activator, console, power);
+        let snapshots = snapshotter.as_mut().map(|s| (s, &vm));
+        event_loop(&shared, &serial, &activator, snapshots, console, power);
         // No kick may name a thread once it is joined.
         shared.pause.register_threads(Vec::new());
         stop_threads(threads);
@@ -529,6 +541,7 @@ fn event_loop(
     sh: &Shared,
     serial: &Mutex<keel_devices::serial::Serial>,
     activator: &crate::activator::QueuedActivator,
+    mut snapshots: Option<(&mut crate::snapshot::Snapshotter, &keel_hypervisor::Vm)>,
     mut console: Console,
     mut power: PowerButton,
 ) {
@@ -570,6 +583,11 @@ fn event_loop(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: snapshots.as_ref().map_or(-1, |(s, _)| s.requests.fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let watch_input = console.pending.is_empty();
         if let (true, Some(fd)) = (watch_input, console.raw_fd()) {
@@ -594,7 +612,12 @@ fn event_loop(
         if fds[1].revents & libc::POLLIN != 0 {
             activator.run_pending();
         }
-        if fds.len() > 2 && fds[2].revents != 0 && console.read_input() {
+        if fds[2].revents & libc::POLLIN != 0 {
+            if let Some((s, vm)) = snapshots.as_mut() {
+                s.run_pending(vm, sh);
+            }
+        }
+        if fds.len() > 3 && fds[3].revents != 0 && console.read_input() {
             sh.stop.request(ExitReason::ConsoleEscape);
         }
     }

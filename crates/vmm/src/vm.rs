@@ -65,7 +65,8 @@ impl StopHandle {
 #[derive(Clone, Debug)]
 pub struct BootInfo {
     pub host: HostInfo,
-    pub kernel: LoadedKernel,
+    /// The kernel as loaded (`None` for a VM restored from a snapshot).
+    pub kernel: Option<LoadedKernel>,
     /// The command line the guest got (with host quirks applied).
     pub cmdline: String,
     /// The quirks appended, if any.
@@ -90,6 +91,13 @@ pub struct Vmm {
     pub(crate) activator: Arc<crate::activator::QueuedActivator>,
     pub(crate) api_listener: Option<std::os::unix::net::UnixListener>,
     pub(crate) statm: Option<std::fs::File>,
+    /// Takes snapshots on the event loop (`None`: not available).
+    pub(crate) snapshotter: Option<crate::snapshot::Snapshotter>,
+    /// The disks' chains, as `info` reports them.
+    pub(crate) disk_info: Arc<Mutex<Vec<keel_api::DiskInfo>>>,
+    /// For a VM restored from a snapshot: the files it uses instead of a kernel, initrd and
+    /// disks (path, writable).
+    pub(crate) restored_files: Vec<(PathBuf, bool)>,
     /// Left (and removed) when the VMM is dropped.
     pub(crate) _cgroup: Option<keel_cgroup::VmCgroup>,
     pub(crate) console_in: Option<OwnedFd>,
@@ -126,51 +134,31 @@ impl Vmm {
             })?),
             None => None,
         };
-
-        // Into the VM's own cgroup before anything big is allocated: guest memory, device
-        // threads and vCPU threads are all charged to it.
-        let cgroup = match &config.limits {
-            Some(limits) => {
-                let layout = keel_cgroup::Layout::detect()?;
-                let cg = keel_cgroup::VmCgroup::create(
-                    &layout,
-                    &format!("vm-{}", std::process::id()),
-                    limits,
-                )?;
-                cg.add(std::process::id())?;
-                for p in cg.paths() {
-                    tracing::info!("cgroup: {}", p.display());
-                }
-                Some(cg)
-            }
-            None => None,
-        };
-        let hv = Hypervisor::open()?;
-        validate_vcpus(config.vcpus, hv.max_vcpus())?;
+        let disks = crate::devices::open_disks(&config)?;
+        let cgroup = join_cgroup(&config)?;
+        let (hv, mut vm) = create_vm(&config)?;
         let host = hv.host_info().clone();
-        if let Some(cap) = host.missing_required() {
-            return Err(keel_hypervisor::Error::MissingCapability(cap).into());
-        }
-        let mut vm = hv.create_vm()?;
-        vm.create_irqchip()?;
 
-        let crate::memory::GuestRam {
-            all: mem,
-            devices: device_mem,
-        } = create_guest_memory(&mut vm, config.memory)?;
+        let ram =
+            crate::memory::allocate(config.memory).map_err(|reason| VmmError::GuestMemory {
+                size: format_size(config.memory),
+                reason,
+            })?;
+        map_guest_memory(&mut vm, &ram, config.memory)?;
         if config.prefault {
-            prefault(&mem);
+            prefault(&ram.all);
         }
+        let mem = &ram.all;
         let rsdp_addr = acpi::write_acpi_tables(
-            &mem,
+            mem,
             &AcpiConfig {
                 vcpus: config.vcpus,
                 sci_irq: SCI_IRQ,
                 power_button_gsi: POWER_BUTTON_GSI,
             },
         )?;
-        mptable::write_mptable(&mem, config.vcpus)?;
-        regs::write_boot_tables(&mem)?;
+        mptable::write_mptable(mem, config.vcpus)?;
+        regs::write_boot_tables(mem)?;
 
         let (cmdline, quirks) = if config.host_quirks {
             quirks::apply(&config.cmdline, host.kind)
@@ -178,7 +166,7 @@ impl Vmm {
             (config.cmdline.clone(), None)
         };
         let loaded = boot::load_kernel(
-            &mem,
+            mem,
             &mut kernel,
             initrd.as_mut(),
             &BootConfig {
@@ -191,70 +179,19 @@ impl Vmm {
             path: config.kernel.clone(),
             source,
         })?;
-
-        let api_listener = match &config.api_socket {
-            Some(p) => Some(crate::api::bind(p)?),
-            None => None,
-        };
-        let statm = api_listener.as_ref().and_then(|_| crate::api::open_statm());
-        let stop = Arc::new(StopState::new()?);
-        let VmIo {
-            serial_out,
-            console_in,
-            console_escape,
-        } = io;
-        let mut devices = PlatformDevices::new(&vm, config.memory, stop.clone(), serial_out)?;
-        let mut mmio = Bus::new();
-        let activator = Arc::new(crate::activator::QueuedActivator::new()?);
-        let runtime = keel_virtio::DeviceRuntime {
-            activator: activator.clone(),
-            hooks: crate::confine::device_hooks(config.seccomp),
-        };
-        // Devices get the writable ranges only: the ROM stays read-only from the host side too.
-        let pci = crate::devices::build_pci(
-            &vm,
-            &device_mem,
-            &config,
-            runtime,
-            &mut devices.pio,
-            &mut mmio,
-        )?;
-
-        let mut cpuid = hv.supported_cpuid()?;
-        if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
-            let hidden = cpu::mask_kvm_hypercall_features(&mut cpuid);
-            if hidden != 0 {
-                tracing::debug!("PVM host: hid KVM hypercall-based PV features (CPUID 0x40000001 bits {hidden:#x})");
-            }
-        }
-        let vcpus = create_vcpus(&vm, &cpuid, &config, &loaded)?;
+        let parts = Assembly::build(&hv, &vm, config, ram, disks, io, None)?;
+        let vcpus = create_vcpus(&vm, &parts.cpuid, &parts.config, &loaded)?;
         // Said once the request is known to be good, so bad input gets exactly one line.
         if let Some(q) = quirks {
             tracing::info!("PVM host: appending the guest kernel parameters PVM needs: {q}");
         }
-        let shared = Arc::new(Shared::new(devices.pio, mmio, mem, stop, config.vcpus));
-        Ok(Vmm {
-            boot: BootInfo {
-                host,
-                kernel: loaded,
-                cmdline,
-                quirks,
-            },
-            config,
-            vcpus,
-            shared,
-            serial: devices.serial,
-            debug_port: devices.debug_port,
-            power_button: devices.power_button,
-            pci,
-            activator,
-            api_listener,
-            statm,
-            _cgroup: cgroup,
-            console_in,
-            console_escape,
-            vm,
-        })
+        let boot = BootInfo {
+            host,
+            kernel: Some(loaded),
+            cmdline,
+            quirks,
+        };
+        Ok(parts.finish(boot, vm, vcpus, cgroup))
     }
 
     /// What was built.
@@ -266,23 +203,29 @@ impl Vmm {
     /// is open already; the paths are what the VMM knows them by.
     pub fn host_paths(&self) -> Vec<HostPath> {
         let c = &self.config;
-        let mut v = vec![
-            HostPath::Device("/dev/kvm".into()),
-            HostPath::File {
+        let mut v = vec![HostPath::Device("/dev/kvm".into())];
+        if self.restored_files.is_empty() {
+            v.push(HostPath::File {
                 path: c.kernel.clone(),
                 writable: false,
-            },
-        ];
-        if let Some(i) = &c.initrd {
-            v.push(HostPath::File {
-                path: i.clone(),
-                writable: false,
             });
+            if let Some(i) = &c.initrd {
+                v.push(HostPath::File {
+                    path: i.clone(),
+                    writable: false,
+                });
+            }
+            for d in &c.disks {
+                v.push(HostPath::File {
+                    path: d.path.clone(),
+                    writable: !d.read_only,
+                });
+            }
         }
-        for d in &c.disks {
+        for (path, writable) in &self.restored_files {
             v.push(HostPath::File {
-                path: d.path.clone(),
-                writable: !d.read_only,
+                path: path.clone(),
+                writable: *writable,
             });
         }
         if !c.nets.is_empty() {
@@ -311,6 +254,169 @@ impl Vmm {
     }
 }
 
+/// Joins the VM's own cgroup before anything big is allocated: guest memory, device threads
+/// and vCPU threads are all charged to it.
+pub(crate) fn join_cgroup(config: &VmConfig) -> Result<Option<keel_cgroup::VmCgroup>, VmmError> {
+    let Some(limits) = &config.limits else {
+        return Ok(None);
+    };
+    let layout = keel_cgroup::Layout::detect()?;
+    let cg = keel_cgroup::VmCgroup::create(&layout, &format!("vm-{}", std::process::id()), limits)?;
+    cg.add(std::process::id())?;
+    for p in cg.paths() {
+        tracing::info!("cgroup: {}", p.display());
+    }
+    Ok(Some(cg))
+}
+
+/// Opens KVM and creates the VM with its in-kernel irqchip.
+pub(crate) fn create_vm(config: &VmConfig) -> Result<(Hypervisor, Vm), VmmError> {
+    let hv = Hypervisor::open()?;
+    validate_vcpus(config.vcpus, hv.max_vcpus())?;
+    if let Some(cap) = hv.host_info().missing_required() {
+        return Err(keel_hypervisor::Error::MissingCapability(cap).into());
+    }
+    let vm = hv.create_vm()?;
+    vm.create_irqchip()?;
+    Ok((hv, vm))
+}
+
+/// Everything of a VM but its vCPUs, built the same way for a new and a restored VM.
+pub(crate) struct Assembly {
+    pub config: VmConfig,
+    pub cpuid: keel_hypervisor::kvm_bindings::CpuId,
+    shared: Arc<Shared>,
+    serial: Arc<Mutex<Serial>>,
+    debug_port: Arc<Mutex<DebugPort>>,
+    power_button: EventFd,
+    pub pci: crate::devices::DeviceHandles,
+    activator: Arc<crate::activator::QueuedActivator>,
+    api_listener: Option<std::os::unix::net::UnixListener>,
+    statm: Option<File>,
+    pagemap: Option<File>,
+    msr_indices: Vec<u32>,
+    console_in: Option<OwnedFd>,
+    console_escape: bool,
+}
+
+impl Assembly {
+    /// Platform devices (the serial port from `serial` when restoring), PCI devices on
+    /// `disks`, the API socket, and the CPUID the vCPUs get.
+    pub(crate) fn build(
+        hv: &Hypervisor,
+        vm: &Vm,
+        config: VmConfig,
+        ram: crate::memory::GuestRam,
+        disks: Vec<crate::devices::OpenedDisk>,
+        io: VmIo,
+        serial: Option<&keel_devices::serial::SerialSnapshot>,
+    ) -> Result<Assembly, VmmError> {
+        let host = hv.host_info();
+        let api_listener = match &config.api_socket {
+            Some(p) => Some(crate::api::bind(p)?),
+            None => None,
+        };
+        let statm = api_listener.as_ref().and_then(|_| crate::api::open_statm());
+        // Which pages the guest touched, for snapshots (read before the jail hides /proc).
+        let pagemap = File::open("/proc/self/pagemap").ok();
+        let stop = Arc::new(StopState::new()?);
+        let VmIo {
+            serial_out,
+            console_in,
+            console_escape,
+        } = io;
+        let mut devices =
+            PlatformDevices::new(vm, config.memory, stop.clone(), serial_out, serial)?;
+        let mut mmio = Bus::new();
+        let activator = Arc::new(crate::activator::QueuedActivator::new()?);
+        let runtime = keel_virtio::DeviceRuntime {
+            activator: activator.clone(),
+            hooks: crate::confine::device_hooks(config.seccomp),
+        };
+        // Devices get the writable ranges only: the ROM stays read-only from the host side too.
+        let pci = crate::devices::build_pci(
+            vm,
+            &ram.devices,
+            &config,
+            disks,
+            runtime,
+            &mut devices.pio,
+            &mut mmio,
+        )?;
+        let mut cpuid = hv.supported_cpuid()?;
+        if config.host_quirks && quirks::hide_hypercall_features(host.kind) {
+            let hidden = cpu::mask_kvm_hypercall_features(&mut cpuid);
+            if hidden != 0 {
+                tracing::debug!("PVM host: hid KVM hypercall-based PV features (CPUID 0x40000001 bits {hidden:#x})");
+            }
+        }
+        let msr_indices = hv.msr_index_list()?;
+        let shared = Arc::new(Shared::new(devices.pio, mmio, ram.all, stop, config.vcpus));
+        Ok(Assembly {
+            config,
+            cpuid,
+            shared,
+            serial: devices.serial,
+            debug_port: devices.debug_port,
+            power_button: devices.power_button,
+            pci,
+            activator,
+            api_listener,
+            statm,
+            pagemap,
+            msr_indices,
+            console_in,
+            console_escape,
+        })
+    }
+
+    pub(crate) fn finish(
+        self,
+        boot: BootInfo,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        cgroup: Option<keel_cgroup::VmCgroup>,
+    ) -> Vmm {
+        let mut pci = self.pci;
+        let disk_info = Arc::new(Mutex::new(std::mem::take(&mut pci.disk_info)));
+        let snapshotter = crate::snapshot::Requests::new()
+            .map_err(|e| tracing::warn!("snapshots unavailable: {e}"))
+            .ok()
+            .map(|requests| crate::snapshot::Snapshotter {
+                requests: Arc::new(requests),
+                config: self.config.clone(),
+                host_kind: format!("{:?}", boot.host.kind),
+                cmdline: boot.cmdline.clone(),
+                msr_indices: self.msr_indices,
+                pagemap: self.pagemap,
+                serial: self.serial.clone(),
+                devices: pci.virtio.clone(),
+                disks: std::mem::take(&mut pci.disks),
+                disk_info: disk_info.clone(),
+            });
+        Vmm {
+            config: self.config,
+            boot,
+            vcpus,
+            vm,
+            shared: self.shared,
+            serial: self.serial,
+            debug_port: self.debug_port,
+            power_button: self.power_button,
+            pci,
+            activator: self.activator,
+            api_listener: self.api_listener,
+            statm: self.statm,
+            snapshotter,
+            disk_info,
+            restored_files: Vec::new(),
+            _cgroup: cgroup,
+            console_in: self.console_in,
+            console_escape: self.console_escape,
+        }
+    }
+}
+
 /// The legacy platform devices every VM has, on the port-I/O bus.
 struct PlatformDevices {
     pio: Bus,
@@ -325,6 +431,7 @@ impl PlatformDevices {
         memory: u64,
         stop: Arc<StopState>,
         serial_out: SerialOut,
+        serial_state: Option<&keel_devices::serial::SerialSnapshot>,
     ) -> Result<Self, VmmError> {
         let events: Arc<dyn PlatformEvents> = stop;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
@@ -332,7 +439,13 @@ impl PlatformDevices {
             source,
         })?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+        let serial = match serial_state {
+            None => Serial::new(serial_irq, serial_out),
+            Some(st) => Serial::from_snapshot(serial_irq, serial_out, st).map_err(|reason| {
+                VmmError::Snapshot(format!("the serial port's state: {reason}"))
+            })?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let debug_port = Arc::new(Mutex::new(DebugPort::default()));
         let low_mem = layout::low_ram_end(memory);
         let mut pio = Bus::new();
@@ -368,7 +481,7 @@ impl PlatformDevices {
     }
 }
 
-fn validate_memory(config: &VmConfig) -> Result<(), VmmError> {
+pub(crate) fn validate_memory(config: &VmConfig) -> Result<(), VmmError> {
     if config.memory < MIN_MEMORY {
         return Err(VmmError::TooLittleMemory {
             asked: format_size(config.memory),
@@ -398,14 +511,14 @@ fn validate_vcpus(vcpus: u32, max: usize) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<crate::memory::GuestRam, VmmError> {
+/// Maps every range of `ram` into KVM memory slots (the ROM read-only).
+pub(crate) fn map_guest_memory(
+    vm: &mut Vm,
+    ram: &crate::memory::GuestRam,
+    size: u64,
+) -> Result<(), VmmError> {
     let ranges = layout::ram_ranges(size);
-    let ram = crate::memory::allocate(size).map_err(|reason| VmmError::GuestMemory {
-        size: format_size(size),
-        reason,
-    })?;
-    let mem = &ram.all;
-    for (region, range) in mem.iter().zip(&ranges) {
+    for (region, range) in ram.all.iter().zip(&ranges) {
         let host_addr = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| VmmError::GuestMemory {
@@ -413,8 +526,8 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<crate::memory::GuestRam
                 reason: e.to_string(),
             })? as u64;
         // The devices' view holds the same regions, which only keeps the mapping longer.
-        // SAFETY: `host_addr..+len` is `region`'s anonymous mapping, owned by `mem`, which moves
-        // into `Shared`: that outlives the VM (vCPUs joined and the VM dropped in `run` first).
+        // SAFETY: `host_addr..+len` is `region`'s mapping, owned by `ram`, which moves into
+        // `Shared`: that outlives the VM (vCPUs joined and the VM dropped in `run` first).
         unsafe {
             vm.map_memory(MemorySlot {
                 guest_addr: region.start_addr().0,
@@ -424,7 +537,7 @@ fn create_guest_memory(vm: &mut Vm, size: u64) -> Result<crate::memory::GuestRam
             })?;
         }
     }
-    Ok(ram)
+    Ok(())
 }
 
 /// Populates every page of guest RAM now (MADV_POPULATE_WRITE, Linux 5.14+; else one

@@ -88,10 +88,34 @@ impl Shared {
     }
 }
 
-pub(super) struct NetHandler {
+pub(crate) struct NetHandler {
     shared: Shared,
     rx: Rx,
     tx: Tx,
+    /// The offloads were cleared already (on a pause, on the device thread).
+    offloads_cleared: bool,
+}
+
+impl NetHandler {
+    /// A paused handler's queues (receive, transmit), with their positions.
+    pub(super) fn take_queues(&mut self) -> (Queue, Queue) {
+        (
+            std::mem::take(&mut self.rx.queue),
+            std::mem::take(&mut self.tx.queue),
+        )
+    }
+
+    fn clear_offloads(&mut self) {
+        if std::mem::replace(&mut self.offloads_cleared, true) {
+            return;
+        }
+        if let Err(e) = self.shared.tap.set_offloads(keel_net::Offloads::NONE) {
+            tracing::warn!(
+                "net {}: clearing the tap's offloads: {e}",
+                self.shared.tap.name()
+            );
+        }
+    }
 }
 
 impl Drop for NetHandler {
@@ -99,12 +123,7 @@ impl Drop for NetHandler {
     /// worker, which drops this on its own thread): the next driver may not take partial
     /// checksums or segments.
     fn drop(&mut self) {
-        if let Err(e) = self.shared.tap.set_offloads(keel_net::Offloads::NONE) {
-            tracing::warn!(
-                "net {}: clearing the tap's offloads: {e}",
-                self.shared.tap.name()
-            );
-        }
+        self.clear_offloads();
     }
 }
 
@@ -175,6 +194,7 @@ impl NetHandler {
                 event: tx_event,
                 limiter: limiters.tx,
             },
+            offloads_cleared: false,
         };
         Ok((handler, sources))
     }
@@ -209,6 +229,15 @@ impl EventHandler for NetHandler {
             }
             _ => Ok(()),
         }
+    }
+
+    fn quiesce(&mut self) -> Result<(), DeviceError> {
+        if self.rx.pending.take().is_some() {
+            count(&self.shared.stats.rx_dropped, 1);
+        }
+        // On this thread: the caller's filter may have no tap ioctls.
+        self.clear_offloads();
+        Ok(())
     }
 }
 

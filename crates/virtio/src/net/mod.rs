@@ -168,7 +168,14 @@ pub struct Net {
     /// Receive and transmit budgets (bytes and frames per second); `None`: unlimited.
     rx_limit: Option<Budget>,
     tx_limit: Option<Budget>,
-    worker: Option<Worker>,
+    worker: Option<Worker<NetHandler>>,
+}
+
+/// What a snapshot keeps of a virtio-net device: its MAC address (it may have been random),
+/// which the guest read at probe time and keeps using.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: MacAddr,
 }
 
 /// One activation's limiters (each with its own timerfd), for the device thread.
@@ -365,5 +372,32 @@ impl VirtioDevice for Net {
         // Stops the worker; its data path clears the tap's offloads as it ends, on the
         // device thread (a reset runs on the vCPU thread, whose filter has no tap ioctls).
         self.worker = None;
+    }
+
+    fn pause(&mut self) -> Vec<(usize, virtio_queue::Queue)> {
+        // Every transmit chain taken was sent within its wake-up; receive chains are only
+        // consumed with a frame in them. A frame read from the tap and still waiting for
+        // receive buffers is dropped (as a full ring would): the tap keeps the rest. The
+        // offloads are cleared on the device thread and set again from the driver's
+        // features when the data path restarts.
+        let Some(mut h) = self.worker.take().and_then(Worker::pause) else {
+            return Vec::new();
+        };
+        let (rx, tx) = h.take_queues();
+        vec![(usize::from(RX_QUEUE), rx), (usize::from(TX_QUEUE), tx)]
+    }
+
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Net(NetState { mac: self.mac })
+    }
+
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            crate::DeviceState::Net(n) => {
+                self.mac = n.mac;
+                Ok(())
+            }
+            other => Err(format!("{} state for a net device", other.kind())),
+        }
     }
 }

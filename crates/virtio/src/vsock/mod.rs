@@ -29,8 +29,11 @@
 //! credit is reset. At most [`MAX_CONNECTIONS`] connections exist at once; more are
 //! refused (host clients are closed, guests get RST).
 //!
-//! The event queue is kept but unused: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET only matters
-//! when a device is restored from a snapshot with connections the host side lost.
+//! Snapshots: a pause keeps the connections (the device thread stops, the muxer with its
+//! host streams waits in the device, and carries on at `resume`). A device restored in a new
+//! process has no host streams: it sends the driver VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on
+//! the event queue as it starts (virtio 1.2 §5.10.6.7), so the guest drops its stale
+//! connections and re-reads its CID.
 
 mod connection;
 mod muxer;
@@ -53,7 +56,10 @@ use crate::{
     features, run_hook, types, ActivateContext, ActivateError, VirtioDevice, QUEUE_MAX_SIZE,
 };
 use muxer::{Events, Muxer};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
@@ -84,11 +90,32 @@ pub struct Vsock {
     guest_cid: u64,
     socket: unix::BoundSocket,
     max_connections: usize,
+    /// A paused data path: connections and host streams, waiting for `resume`.
+    paused: Option<Muxer>,
+    /// Restored from a snapshot: the next start owes the driver a transport reset.
+    reset_on_start: bool,
+}
+
+/// What a snapshot keeps of a vsock device (its connections cannot survive a new process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub guest_cid: u64,
 }
 
 struct DeviceThread {
     kill: EventFd,
-    handle: Option<JoinHandle<()>>,
+    pausing: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Option<Muxer>>>,
+}
+
+impl DeviceThread {
+    /// Stops the thread and takes its muxer back.
+    fn pause(mut self) -> Option<Muxer> {
+        let h = self.handle.take()?;
+        self.pausing.store(true, Ordering::SeqCst);
+        let _ = self.kill.write(1);
+        h.join().ok().flatten()
+    }
 }
 
 impl Drop for DeviceThread {
@@ -114,6 +141,8 @@ impl Vsock {
             socket,
             max_connections: MAX_CONNECTIONS,
             thread: None,
+            paused: None,
+            reset_on_start: false,
         })
     }
 
@@ -149,6 +178,52 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.paused = None;
+        self.start(ctx)
+    }
+    fn reset(&mut self) {
+        // Stops the thread; its host streams close with it.
+        self.thread = None;
+        self.paused = None;
+        self.reset_on_start = false;
+    }
+    fn pause(&mut self) -> Vec<(usize, virtio_queue::Queue)> {
+        let Some(mut m) = self.thread.take().and_then(DeviceThread::pause) else {
+            return Vec::new();
+        };
+        let mut queues = vec![
+            (0, std::mem::take(&mut m.rxq)),
+            (1, std::mem::take(&mut m.txq)),
+        ];
+        queues.extend(m.evq.take().map(|q| (2, q)));
+        self.reset_on_start |= m.reset_pending;
+        self.paused = Some(m);
+        queues
+    }
+    fn resume(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.start(ctx)
+    }
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Vsock(VsockState {
+            guest_cid: self.guest_cid,
+        })
+    }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            // A different CID is fine: the transport reset makes the driver re-read it.
+            crate::DeviceState::Vsock(_) => {
+                self.reset_on_start = true;
+                Ok(())
+            }
+            other => Err(format!("{} state for a vsock device", other.kind())),
+        }
+    }
+}
+
+impl Vsock {
+    /// Starts the device thread on `ctx`'s queues: with the paused muxer if there is one
+    /// (connections kept), a new one otherwise.
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.thread = None;
         let hook = ctx.hooks.device;
         let mut queues = ctx.queues.into_iter();
@@ -167,18 +242,27 @@ impl VirtioDevice for Vsock {
             .listener
             .try_clone()
             .map_err(ActivateError::Thread)?;
-        let muxer = Muxer::new(
-            self.guest_cid,
-            self.socket.path.clone(),
-            self.max_connections,
-            ctx.mem,
-            ctx.interrupt,
-            rxq,
-            txq,
-            evq,
-            listener,
-        )
-        .map_err(ActivateError::Thread)?;
+        let mut muxer = match self.paused.take() {
+            Some(mut m) => {
+                (m.mem, m.interrupt, m.rxq, m.txq, m.evq) = (ctx.mem, ctx.interrupt, rxq, txq, evq);
+                m
+            }
+            None => Muxer::new(
+                self.guest_cid,
+                self.socket.path.clone(),
+                self.max_connections,
+                ctx.mem,
+                ctx.interrupt,
+                rxq,
+                txq,
+                evq,
+                listener,
+            )
+            .map_err(ActivateError::Thread)?,
+        };
+        muxer.reset_pending |= std::mem::take(&mut self.reset_on_start);
+        let pausing = Arc::new(AtomicBool::new(false));
+        let paused_flag = pausing.clone();
         // Blocking: a broken device thread sleeps on it until it is stopped.
         let kill = EventFd::new(0).map_err(ActivateError::Thread)?;
         let events = Events {
@@ -190,18 +274,15 @@ impl VirtioDevice for Vsock {
         let handle = std::thread::Builder::new()
             .name("virtio-vsock".into())
             .spawn(move || match run_hook(hook) {
-                Ok(()) => muxer.run(events),
+                Ok(()) => muxer.run(events, &paused_flag),
                 Err(e) => muxer.broken(&events.kill, &e),
             })
             .map_err(ActivateError::Thread)?;
         self.thread = Some(DeviceThread {
             kill,
+            pausing,
             handle: Some(handle),
         });
         Ok(())
-    }
-    fn reset(&mut self) {
-        // Stops the thread; its host streams close with it.
-        self.thread = None;
     }
 }

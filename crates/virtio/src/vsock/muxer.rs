@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_queue::Queue;
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub const RX: u16 = 0;
 pub const TX: u16 = 1;
+pub const EVENT: u16 = 2;
 
 const KILL_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
@@ -55,10 +57,10 @@ pub struct Muxer {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub rxq: Queue,
     pub txq: Queue,
-    /// Kept for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which only matters once the device
-    /// can be restored from a snapshot; nothing is sent on it yet.
-    #[allow(dead_code)]
+    /// Carries VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after a restore from a snapshot.
     pub evq: Option<Queue>,
+    /// A transport reset is owed to the driver (restored: its connections are gone).
+    pub reset_pending: bool,
     pub listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<ConnKey, Connection>,
@@ -105,6 +107,7 @@ impl Muxer {
             rxq,
             txq,
             evq,
+            reset_pending: false,
             listener,
             epoll: Epoll::new()?,
             conns: HashMap::new(),
@@ -123,8 +126,9 @@ impl Muxer {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
-    /// Runs until `events.kill` is signalled.
-    pub fn run(mut self, events: Events) {
+    /// Runs until `events.kill` is signalled. Returns itself (connections and all) when
+    /// `pausing` was set before the kill, so the device can carry on later.
+    pub fn run(mut self, events: Events, pausing: &AtomicBool) -> Option<Muxer> {
         let mut sources = vec![
             (events.kill.as_raw_fd(), KILL_TOKEN),
             (events.rx.as_raw_fd(), RX_TOKEN),
@@ -138,6 +142,9 @@ impl Muxer {
             if let Err(e) = self.add(fd, EventSet::IN, token) {
                 return self.broken(&events.kill, &format!("epoll: {e}"));
             }
+        }
+        if let Err(e) = self.send_transport_reset() {
+            return self.broken(&events.kill, &e.to_string());
         }
         // Buffers and packets may have been queued before activation.
         if let Err(e) = self.process_tx() {
@@ -154,7 +161,7 @@ impl Muxer {
             let mut result = Ok(());
             for ev in ready.iter().take(n) {
                 match ev.data() {
-                    KILL_TOKEN => return,
+                    KILL_TOKEN => return self.stopped(&events, pausing),
                     RX_TOKEN => {
                         // New rx buffers: handled by the flush below.
                         let _ = events.rx.read();
@@ -169,6 +176,9 @@ impl Muxer {
                         if let Some(e) = &events.event {
                             let _ = e.read();
                         }
+                        if result.is_ok() {
+                            result = self.send_transport_reset();
+                        }
                     }
                     LISTENER_TOKEN => self.accept_clients(),
                     token => self.stream_event(token, ev.event_set()),
@@ -181,8 +191,57 @@ impl Muxer {
         }
     }
 
+    /// Killed: on a pause, forget this activation's eventfds (the next brings its own) and
+    /// hand the muxer back; otherwise end here, closing the host streams.
+    fn stopped(self, events: &Events, pausing: &AtomicBool) -> Option<Muxer> {
+        if !pausing.load(Ordering::SeqCst) {
+            return None;
+        }
+        let fds = [Some(&events.kill), Some(&events.rx), Some(&events.tx)];
+        for e in fds.into_iter().chain([events.event.as_ref()]).flatten() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                e.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.listener.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        Some(self)
+    }
+
+    /// Tells the driver its transport was reset (virtio 1.2 §5.10.6.7), if that is owed and
+    /// it posted an event buffer; otherwise waits for one.
+    fn send_transport_reset(&mut self) -> Result<(), DeviceError> {
+        let Some(mut evq) = self.evq.take().filter(|_| self.reset_pending) else {
+            return Ok(());
+        };
+        let mem = self.mem.clone();
+        let mut sent = false;
+        let r = process_queue(&mut evq, EVENT, &mem, &*self.interrupt, |chain| {
+            if sent {
+                return None;
+            }
+            sent = true;
+            let Ok(mut w) = chain.writer(&mem) else {
+                return Some(0);
+            };
+            let id = super::packet::EVENT_TRANSPORT_RESET.to_le_bytes();
+            Some(if w.write_all(&id).is_ok() { 4 } else { 0 })
+        });
+        self.evq = Some(evq);
+        if sent {
+            self.reset_pending = false;
+            tracing::debug!("vsock: transport reset sent to the driver");
+        }
+        r
+    }
+
     /// A malformed ring: drop every connection and wait to be stopped (`kill` blocks).
-    pub(crate) fn broken(mut self, kill: &EventFd, why: &str) {
+    pub(crate) fn broken(mut self, kill: &EventFd, why: &str) -> Option<Muxer> {
         keel_pci::guest_warn!("vsock: {why}; the device stops until the driver resets it");
         self.interrupt.device_broken(why);
         self.conns.clear();
@@ -190,7 +249,7 @@ impl Muxer {
         loop {
             match kill.read() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                _ => return,
+                _ => return None,
             }
         }
     }

@@ -1,0 +1,218 @@
+//! `keel restore DIR`: start a VM from a snapshot.
+//!
+//! Everything in the snapshot is checked here, on the host, before a VMM exists: the
+//! manifest, every part's size and checksum (and the HMAC with `--snapshot-key`), the
+//! machine state's shape, and each disk image below the snapshot's layers, which must be
+//! exactly as it was when the snapshot froze it. A bad snapshot is refused with exit status 2.
+//! Each writable disk gets a new qcow2 overlay next to its image; the VMM stacks it on the
+//! snapshot's frozen layers, so the snapshot itself is never written.
+
+use crate::jailed;
+use crate::snapshot::{backing_name, create_overlay, overlay_path, read_key};
+use keel_snapshot::{PartKind, Snapshot};
+use keel_vmm::snapshot::format::{
+    identity, SavedDisks, SavedVm, DISKS_PART, MEMORY_PART, STATE_PART,
+};
+use keel_vmm::snapshot::{DiskChain, RestoreSpec};
+use keel_vmm::{VmIo, Vmm};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`keel snapshot --vm SOCKET DIR`).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// The key the snapshot was taken with (`keel snapshot --snapshot-key FILE`).
+    #[arg(long, value_name = "FILE")]
+    snapshot_key: Option<PathBuf>,
+    /// Listen for control requests on this Unix socket (the snapshot's own socket is not
+    /// reused: the VM it came from may still run).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Run without the per-thread seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Run the VMM without its jail (debugging only).
+    #[arg(long)]
+    no_jail: bool,
+    /// Directory below which each VM's jail root is mounted (as <DIR>/vm-<PID>).
+    #[arg(long, value_name = "DIR", default_value = jailed::DEFAULT_JAIL_DIR)]
+    jail_dir: PathBuf,
+    /// The uid the jailed VMM runs as (default: one of its own).
+    #[arg(long, value_name = "UID")]
+    jail_uid: Option<u32>,
+    /// The gid the jailed VMM runs as (default: like the uid).
+    #[arg(long, value_name = "GID")]
+    jail_gid: Option<u32>,
+    /// Join this network namespace instead of a new, empty one.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+}
+
+fn refuse(dir: &std::path::Path, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("keel: snapshot {}: {e}", dir.display());
+    ExitCode::from(2)
+}
+
+/// The snapshot, checked: its machine, its disks, where its memory is.
+fn load(
+    dir: &std::path::Path,
+    key: Option<&[u8]>,
+) -> Result<(SavedVm, SavedDisks, PathBuf, Snapshot), String> {
+    let snap = Snapshot::open(dir, key).map_err(|e| e.to_string())?;
+    let part =
+        |name: &str| -> Result<Vec<u8>, String> { snap.read_part(name).map_err(|e| e.to_string()) };
+    let saved: SavedVm = serde_json::from_slice(&part(STATE_PART)?)
+        .map_err(|e| format!("{STATE_PART} is malformed: {e}"))?;
+    let disks: SavedDisks = serde_json::from_slice(&part(DISKS_PART)?)
+        .map_err(|e| format!("{DISKS_PART} is malformed: {e}"))?;
+    let memory = snap
+        .part(MEMORY_PART)
+        .ok_or_else(|| format!("the snapshot has no {MEMORY_PART} part"))?;
+    if disks.disks.len() != saved.config.disks.len() {
+        return Err(format!(
+            "{DISKS_PART} lists {} disks; the VM has {}",
+            disks.disks.len(),
+            saved.config.disks.len()
+        ));
+    }
+    for (i, d) in disks.disks.iter().enumerate() {
+        if d.index != i {
+            return Err(format!(
+                "{DISKS_PART}: disk {i} is listed as disk {}",
+                d.index
+            ));
+        }
+        for name in &d.layers {
+            let is_layer = snap
+                .manifest()
+                .parts
+                .iter()
+                .any(|p| &p.name == name && p.kind == PartKind::DiskLayer);
+            if !is_layer {
+                return Err(format!(
+                    "disk {i}: layer {name} is not a disk layer of the snapshot"
+                ));
+            }
+        }
+        let now = File::open(&d.base.path)
+            .and_then(|f| identity(&f))
+            .map_err(|e| format!("disk {i}: its image {}: {e}", d.base.path.display()))?;
+        if now != d.base_identity {
+            return Err(format!(
+                "disk {i}: its image {} changed since the snapshot was taken (size {} → {}, \
+                 modified {} → {} ns); restoring would corrupt the disk",
+                d.base.path.display(),
+                d.base_identity.size,
+                now.size,
+                d.base_identity.mtime_ns,
+                now.mtime_ns
+            ));
+        }
+    }
+    Ok((saved, disks, memory, snap))
+}
+
+pub fn run(args: RestoreArgs) -> ExitCode {
+    let dir = &args.dir;
+    let key = match read_key(&args.snapshot_key) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let start = std::time::Instant::now();
+    let (saved, disks, memory, snap) = match load(dir, key.as_deref()) {
+        Ok(v) => v,
+        Err(e) => return refuse(dir, e),
+    };
+    let tag = format!(
+        "restore-{}",
+        dir.file_name()
+            .map_or("snapshot".into(), |n| n.to_string_lossy().into_owned())
+    );
+    let mut chains = Vec::new();
+    let mut created = Vec::new();
+    for d in &disks.disks {
+        let layers: Vec<PathBuf> = d.layers.iter().filter_map(|n| snap.part(n)).collect();
+        let top = if d.read_only {
+            None
+        } else {
+            let (below, format) = match layers.last() {
+                Some(l) => (l.clone(), "qcow2".to_string()),
+                None => (d.base.path.clone(), d.base.format.clone()),
+            };
+            let made = keel_vmm::snapshot::disk_size(&below, &format).and_then(|size| {
+                let path = overlay_path(&d.base.path, &tag);
+                let backing = backing_name(d.index, &d.base.path, layers.len());
+                create_overlay(&path, size, &backing, &format).map(|_| path)
+            });
+            match made {
+                Ok(p) => {
+                    created.push(p.clone());
+                    Some(p)
+                }
+                Err(e) => {
+                    for c in &created {
+                        let _ = std::fs::remove_file(c);
+                    }
+                    eprintln!("keel: disk {}: cannot create its overlay: {e}", d.index);
+                    return ExitCode::from(1);
+                }
+            }
+        };
+        chains.push(DiskChain {
+            base: d.base.clone(),
+            layers,
+            top,
+        });
+    }
+    let mut config = saved.config.clone();
+    config.api_socket = args.api_socket.clone();
+    config.seccomp = !args.no_seccomp;
+    let spec = RestoreSpec {
+        saved,
+        memory,
+        disks: chains,
+    };
+    tracing::info!(
+        "restoring {} (checked in {} ms)",
+        dir.display(),
+        start.elapsed().as_millis()
+    );
+    let io = || {
+        let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
+        VmIo {
+            serial_out: Box::new(std::io::stdout()),
+            console_in: stdin,
+            console_escape: true,
+        }
+    };
+    let build: jailed::Build = Box::new(move |config, io| Vmm::restore(spec, config, io));
+    if !args.no_jail {
+        let opts = jailed::JailOptions {
+            dir: args.jail_dir,
+            uid: args.jail_uid,
+            gid: args.jail_gid,
+            netns: args.netns,
+        };
+        return jailed::run(config, build, io, opts);
+    }
+    tracing::warn!("--no-jail: the VMM runs with all of this process's privileges");
+    let vmm = match build(config, io()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("keel: {e}");
+            return ExitCode::from(if e.is_usage() { 2 } else { 1 });
+        }
+    };
+    if let Err(e) = keel_vmm::install_stop_signal_handlers() {
+        eprintln!("keel: {e}");
+        return ExitCode::from(1);
+    }
+    crate::run_vmm(vmm)
+}
