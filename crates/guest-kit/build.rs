@@ -34,6 +34,7 @@ const OBJECTS: &[(&str, &str)] = &[
     ("blk_rate.c", "blk_rate.o"),
     ("chaos.c", "chaos.o"),
     ("soak.c", "soak.o"),
+    ("snapcount.c", "snapcount.o"),
 ];
 
 fn run(cmd: &mut Command) {
@@ -65,6 +66,7 @@ fn main() {
         "chaos.c",
         "chaos.h",
         "soak.c",
+        "snapcount.c",
     ] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }

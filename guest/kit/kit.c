@@ -11,7 +11,8 @@
  * another exit). Every check reports; nothing here loops forever without a bound.
  *
  * The PCI and virtio tests (pci-enum, virtio-rng, virtio-blk, virtio-hostile) and the kit's
- * virtio driver are in virtio.c (blk-read-rate in blk_rate.c); kit.h has what the files
+ * virtio driver are in virtio.c (blk-read-rate in blk_rate.c, the snapshot/restore counter
+ * guest snapcount in snapcount.c); kit.h has what the files
  * share. The long-running guests of the chaos test (chaos, blk-soak) are in chaos.c and
  * soak.c; the CPU and memory limit guests (spin, cpu-job, touch-ram) in limits.c.
  */
@@ -472,6 +473,7 @@ void kit_main(u64 info, int proto) {
         {"ticks", test_ticks},
         {"blk-read-rate", test_blk_read_rate},
         {"chaos", test_chaos},               {"blk-soak", test_blk_soak},
+        {"snapcount", test_snapcount},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {

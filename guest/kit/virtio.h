@@ -17,5 +17,8 @@ void test_virtio_blk(struct boot *b);
 void test_virtio_hostile(struct boot *b);
 /* test=blk-read-rate: reads the whole disk between two markers, for timing (blk_rate.c). */
 void test_blk_read_rate(struct boot *b);
+/* test=snapcount [secs=N] [slots=N]: a 10 Hz counter that writes each count to its disk and
+   checks the write before it, for snapshot/restore tests (snapcount.c). */
+void test_snapcount(struct boot *b);
 
 #endif

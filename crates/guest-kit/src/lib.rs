@@ -8,6 +8,12 @@
 
 use std::path::PathBuf;
 
+mod snapcount;
+pub use snapcount::{
+    check_snapcount_disk, parse_snapcount_line, snapcount_sector, snapcount_slot_tsc,
+    SNAPCOUNT_MAGIC, SNAPCOUNT_SECTOR,
+};
+
 /// The kit images, one per loader path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KitImage {

@@ -1,8 +1,11 @@
 //! End-to-end tests on the guest test kit: tiny guests that boot through Keel's real loader
 //! paths and exercise exits, devices, interrupts, ACPI, SMP and every way a VM ends.
 //! Each runs in milliseconds. Without a usable /dev/kvm every test is reported as ignored
-//! (skipped), loudly, never passed. The PCI and virtio tests live in `kit/virtio.rs`.
+//! (skipped), loudly, never passed. The PCI and virtio tests live in `kit/virtio.rs`, the
+//! snapshot counter guest's in `kit/snapcount.rs`.
 
+#[path = "kit/snapcount.rs"]
+mod snapcount;
 #[path = "kit/virtio.rs"]
 mod virtio;
 
@@ -295,6 +298,7 @@ fn trials() -> Vec<Trial> {
         },
     ));
     t.extend(virtio::trials());
+    t.extend(snapcount::trials());
     t.push(Trial::test("stop_handle_ends_a_busy_guest", || {
         // The console test waits for input that never comes; stop it from outside.
         let (rd, _wr) = std::io::pipe().map_err(|e| e.to_string())?;

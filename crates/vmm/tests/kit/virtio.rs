@@ -63,16 +63,16 @@ pub fn child_main(spec: &str) -> ! {
     }
 }
 
-struct ChildRun {
-    serial: String,
+pub(super) struct ChildRun {
+    pub(super) serial: String,
     /// The exit reason, as JSON.
     reason: String,
-    wall_ms: u64,
+    pub(super) wall_ms: u64,
     stderr: String,
 }
 
 impl ChildRun {
-    fn report(&self) -> String {
+    pub(super) fn report(&self) -> String {
         format!(
             "--- serial ---\n{}\n--- stderr ---\n{}",
             self.serial, self.stderr
@@ -88,7 +88,7 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     })
 }
 
-fn run_in_child(cfg: &VmConfig) -> Result<ChildRun, Failed> {
+pub(super) fn run_in_child(cfg: &VmConfig) -> Result<ChildRun, Failed> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let spec = serde_json::to_string(cfg).map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
@@ -148,7 +148,7 @@ fn run_in_child(cfg: &VmConfig) -> Result<ChildRun, Failed> {
 
 /// The guest passed `name`, printed every marker in `markers`, powered off through ACPI,
 /// and nothing in Keel panicked.
-fn expect_clean(r: &ChildRun, name: &str, markers: &[&str]) -> Result<(), Failed> {
+pub(super) fn expect_clean(r: &ChildRun, name: &str, markers: &[&str]) -> Result<(), Failed> {
     if r.serial.contains("panicked") || r.stderr.contains("panicked") {
         return Err(format!("Keel panicked\n{}", r.report()).into());
     }
@@ -182,24 +182,28 @@ fn expect_clean(r: &ChildRun, name: &str, markers: &[&str]) -> Result<(), Failed
 }
 
 /// A raw disk image filled with the kit's pattern, removed when dropped.
-struct TempDisk(PathBuf);
+pub(super) struct TempDisk(PathBuf);
 
 impl TempDisk {
     fn new(tag: &str) -> Result<Self, Failed> {
+        Self::with_bytes(tag, &(0..DISK_SIZE).map(disk_byte).collect::<Vec<u8>>())
+    }
+
+    /// A disk holding exactly `bytes`.
+    pub(super) fn with_bytes(tag: &str, bytes: &[u8]) -> Result<Self, Failed> {
         let path = std::env::temp_dir().join(format!("keel-kit-{}-{tag}.img", std::process::id()));
-        let bytes: Vec<u8> = (0..DISK_SIZE).map(disk_byte).collect();
         std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(TempDisk(path))
     }
 
-    fn config(&self) -> DiskConfig {
+    pub(super) fn config(&self) -> DiskConfig {
         DiskConfig {
             format: Some(DiskFormat::Raw),
             ..DiskConfig::new(self.0.clone())
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -210,7 +214,7 @@ impl Drop for TempDisk {
     }
 }
 
-fn vm(cmdline: &str, disks: Vec<DiskConfig>, rng: bool) -> VmConfig {
+pub(super) fn vm(cmdline: &str, disks: Vec<DiskConfig>, rng: bool) -> VmConfig {
     VmConfig {
         cmdline: cmdline.into(),
         vcpus: 1,
