@@ -228,13 +228,16 @@ def keel_verbs(keel):
         has_restore, why_restore = ok([keel, "restore", "--help"])
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"cannot run {keel}: {e}"
+    missing = []
+    if not (has_snap or has_ctl_snap):
+        missing.append("`keel snapshot`: " + (why_snap.splitlines() or ["?"])[0])
     if not has_restore:
-        return None, "`keel restore`: " + why_restore.splitlines()[0] if why_restore else "?"
+        missing.append("`keel restore`: " + (why_restore.splitlines() or ["?"])[0])
+    if missing:
+        return None, "; ".join(missing)
     if has_snap:
         return (lambda sock, d: [keel, "snapshot", "--vm", sock, d]), None
-    if has_ctl_snap:
-        return (lambda sock, d: [keel, "ctl", "--api-socket", sock, "snapshot", d]), None
-    return None, "`keel snapshot`: " + (why_snap.splitlines()[0] if why_snap else "?")
+    return (lambda sock, d: [keel, "ctl", "--api-socket", sock, "snapshot", d]), None
 
 
 class KeelApi:
