@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keel benchmark harness: Keel side by side with QEMU (and Firecracker / Cloud Hypervisor).
 
-    python3 bench/run.py [--runs N] [--only a|b|io] [--skip a,b,io] [--out docs/benchmarks.md]
+    python3 bench/run.py [--runs N] [--only a|b|io|snap] [--skip a,b,io,snap] [--out docs/benchmarks.md]
 
 Measurements (see bench/README.md and docs/benchmarks.md):
   (a) launch -> first guest I/O exit: a tiny PVH guest (bench/guests/first_io.S) whose first
@@ -10,6 +10,8 @@ Measurements (see bench/README.md and docs/benchmarks.md):
       `KEEL-INIT-OK` arrives on the serial console (VMM stdout, read as a pipe), and to exit.
   (io) block and network throughput in the guest (virtio-blk /dev/vdb with O_DIRECT; TCP over
       a tap) against the same program on the host: bench/iobench.py, needs root.
+  (snap) snapshot time and restore -> running latency of an idle 256 MiB and 2 GiB guest:
+      bench/snapbench.py.
 
 Runs alternate between VMM variants (keel, qemu-pc, qemu-microvm, keel, ...) so that noise
 hits all of them alike. Peak RSS is ru_maxrss from os.wait4() on the VMM process itself
@@ -33,6 +35,7 @@ import time
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the checkout
 import iobench  # noqa: E402  bench/iobench.py (sys.path[0] is bench/ when run as a script)
+import snapbench  # noqa: E402  bench/snapbench.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
@@ -543,15 +546,17 @@ def argv_doc(v, subst):
     return f"- {v.label}: `{s}`" + (f" — {v.note}" if v.note else "")
 
 
-PARTS = ["a", "b", "io"]
+PARTS = ["a", "b", "io", "snap"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per variant (default 3)")
+    ap.add_argument("--runs", type=int,
+                    help="timed runs per variant (default 3; snap: boots per VMM and size, "
+                    "default 2)")
     ap.add_argument("--runs-a", type=int,
                     help="timed runs per variant for (a), which is cheap (default: max(10, --runs))")
-    ap.add_argument("--only", choices=PARTS, help="run only measurement a, b or io")
+    ap.add_argument("--only", choices=PARTS, help="run only measurement a, b, io or snap")
     ap.add_argument("--skip", default="",
                     help="comma-separated measurements not to run, e.g. --skip io")
     ap.add_argument("--out", help="append the results as a dated section to this markdown file")
@@ -568,7 +573,11 @@ def main():
                     help="do not run cargo build; bench the existing target/release/keel "
                     "(or $KEEL_BIN)")
     iobench.add_arguments(ap)
+    snapbench.add_arguments(ap)
     args = ap.parse_args()
+    args.runs_given = args.runs is not None  # snap has its own default (2 boots)
+    if args.runs is None:
+        args.runs = 3
     skip = {p for p in args.skip.split(",") if p}
     if skip - set(PARTS):
         die(f"--skip: unknown measurement(s) {', '.join(sorted(skip - set(PARTS)))}")
@@ -608,8 +617,9 @@ def main():
         if os.environ.get(env) and os.access(os.environ[env], os.X_OK):
             info.append(f"- {env}: {first_line([os.environ[env], '--version'])}")
     info.append("- Load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    info.append(f"- Runs alternate between variants; "
-                f"{args.cpus} vCPU(s), {MEMORY_MIB} MiB; serial logs in `{log_dir}`")
+    shape = (f"{args.cpus} vCPU(s), {MEMORY_MIB} MiB" if set(parts) - {"snap"}
+             else f"1 vCPU, {args.snap_sizes}")
+    info.append(f"- Runs alternate between variants; {shape}; serial logs in `{log_dir}`")
     sections = []
     skipped_all = set()
     if io_unavailable:
@@ -676,6 +686,18 @@ def main():
         except iobench.Terminated:
             shutil.rmtree(tmpdir, ignore_errors=True)
             die("terminated by SIGTERM (io namespaces, taps and files removed)")
+
+    if "snap" in parts:
+        assets, quirks = guest_assets(args.wait_assets)
+        cmdline = f"{BASE_CMDLINE} {quirks}" + (f" {args.cmdline_extra}" if args.cmdline_extra
+                                                else "")
+        log(f"(snap) snapshot and restore: sizes {args.snap_sizes}")
+        try:
+            sections.append(snapbench.measure(args, keel, qemu, assets, cmdline, log, log_dir,
+                                              CACHE, pick))
+        except (ValueError, OSError, subprocess.SubprocessError) as e:
+            log(f"(snap) ERROR: {e}")
+            sections.append(f"### (snap) snapshot and restore of an idle guest\n\nFailed: {e}")
 
     info.append("- Load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
                 + " (other work on this machine adds noise; 2 CPUs)")
