@@ -30,11 +30,16 @@
  *      up to 256 bytes, writes back "echo:" + those bytes,
  *      "keel-init: vsock echoed <n> bytes"; on a failed step
  *      "keel-init: vsock error <step> <-errno>" and it goes on;
+ *        vdb    -> reads the first MiB of /dev/vdb with O_DIRECT (from the
+ *                  device, never the page cache): "keel-init: vdb read=<bytes,
+ *                  or -errno> fnv=<FNV-1a 64 of them, 16 hex digits>"
  *   7. keel_wait=powerbutton: opens every /dev/input/eventN, prints
  *      "keel-init: waiting for power button" and blocks until an EV_KEY
  *      KEY_POWER press arrives: "keel-init: power button pressed", then it
- *      powers off whatever keel_exit says.  With no input device:
+ *      goes on (keel_after, keel_exit: power off by default).  With no input device:
  *      "keel-init: no input device", and it goes on;
+ *   7a. keel_after=ITEM[,ITEM...]: keel_report's items again, once the wait
+ *      is over (e.g. to read a disk after the VM was restored from a snapshot);
  *   8. keel_exit (after printing "keel-init: exit=<mode>"):
  *        poweroff (default) -> reboot(LINUX_REBOOT_CMD_POWER_OFF)
  *        reboot             -> reboot(LINUX_REBOOT_CMD_RESTART)
@@ -68,6 +73,7 @@
 
 #define O_RDONLY 0
 #define O_WRONLY 1
+#define O_DIRECT 040000
 #define ENOENT 2
 #define EINTR 4
 #define EBUSY 16
@@ -370,6 +376,47 @@ static void report_rng(void)
 	}
 }
 
+/* keel_report=vdb: the first MiB of /dev/vdb, read past the page cache. */
+static void report_vdb(void)
+{
+	static const char hex[] = "0123456789abcdef";
+	static unsigned char buf[1 << 20] __attribute__((aligned(4096)));
+	unsigned long long h = 0xcbf29ce484222325ULL;
+	char out[17];
+	long fd, got = 0, n;
+	u32 i;
+
+	fd = sys3(SYS_open, (long)"/dev/vdb", O_RDONLY | O_DIRECT, 0);
+	if (fd < 0) {
+		got = fd;
+	} else {
+		while (got < (long)sizeof(buf)) {
+			n = sys3(SYS_read, fd, (long)(buf + got), sizeof(buf) - got);
+			if (n == -EINTR)
+				continue;
+			if (n <= 0) {
+				if (got == 0)
+					got = n;
+				break;
+			}
+			got += n;
+		}
+		sys3(SYS_close, fd, 0, 0);
+	}
+	for (i = 0; got > 0 && i < (u32)got; i++) {
+		h ^= buf[i];
+		h *= 0x100000001b3ULL;
+	}
+	for (i = 0; i < 16; i++)
+		out[i] = hex[(h >> (60 - 4 * i)) & 15];
+	out[16] = 0;
+	puts_("keel-init: vdb read=");
+	puti(got);
+	puts_(" fnv=");
+	puts_(out);
+	puts_("\n");
+}
+
 /*
  * "keel-init: root=/dev/NAME dev=MAJ:MIN": the block device "/" is on (a
  * root mounted by the kernel from root= shows as "/dev/root" in
@@ -471,6 +518,8 @@ static void report(const char *items)
 			report_rng();
 		} else if (streq(item, "mounts")) {
 			report_mounts();
+		} else if (streq(item, "vdb")) {
+			report_vdb();
 		} else if (n) {
 			puts_("keel-init: unknown keel_report item ");
 			puts_(item);
@@ -587,7 +636,8 @@ out:
 
 /*
  * keel_wait=powerbutton: wait for KEY_POWER on any /dev/input/eventN.
- * Returns only if there is no input device (or poll fails).
+ * Returns when it is pressed, or at once if there is no input device (or poll
+ * fails).
  */
 static void wait_power_button(void)
 {
@@ -646,14 +696,8 @@ static void wait_power_button(void)
 			for (k = 0; k < n / (long)sizeof(ev[0]); k++) {
 				if (ev[k].type == EV_KEY && ev[k].code == KEY_POWER &&
 				    ev[k].value == 1) {
+					/* keel_after, then keel_exit, follow. */
 					puts_("keel-init: power button pressed\n");
-					drain();
-					r = sys5(SYS_reboot, (long)LINUX_REBOOT_MAGIC1,
-						 (long)LINUX_REBOOT_MAGIC2,
-						 (long)LINUX_REBOOT_CMD_POWER_OFF, 0, 0);
-					puts_("keel-init: reboot() failed: ");
-					puti(r);
-					puts_("\n");
 					return;
 				}
 			}
@@ -714,6 +758,9 @@ __attribute__((used, noreturn)) void keel_main(long *sp)
 			puts_("\n");
 		}
 	}
+	v = getenv_(envp, "keel_after=");
+	if (v)
+		report(v);
 
 	mode = getenv_(envp, "keel_exit=");
 	if (!mode)
