@@ -147,8 +147,13 @@ impl VirtioPciDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save_state();
+        // One lock, dropped before the struct is built (a guard in it would live to its end).
+        let (device_type, device) = {
+            let dev = self.dev();
+            (dev.device_type(), dev.save_state())
+        };
         Ok(VirtioPciState {
-            device_type: self.dev().device_type(),
+            device_type,
             pci: self.config.save_state(),
             msix,
             status: s.status.load(Ordering::SeqCst),
@@ -167,7 +172,7 @@ impl VirtioPciDevice {
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
             ring_addrs: self.ring_addrs.clone(),
             activated: self.activated,
-            device: self.dev().save_state(),
+            device,
         })
     }
 
@@ -317,9 +322,8 @@ impl VirtioPciDevice {
             .unwrap_or_else(|p| p.into_inner())
             .restore_state(&state.msix, &config)
             .map_err(pci_err)?;
-        self.dev()
-            .restore_state(&state.device)
-            .map_err(|why| self.invalid(why))?;
+        let restored = self.dev().restore_state(&state.device);
+        restored.map_err(|why| self.invalid(why))?;
         self.config = config;
         let old_bar = self.bar_addr;
         if old_bar != new_bar {
@@ -346,3 +350,7 @@ impl VirtioPciDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "pci_state_tests.rs"]
+mod tests;
