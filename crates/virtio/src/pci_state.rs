@@ -147,10 +147,10 @@ impl VirtioPciDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save_state();
-        // One lock of the device model: a guard in the literal below would live to its end.
+        // One lock, dropped before the struct is built (a guard in it would live to its end).
         let (device_type, device) = {
-            let d = self.dev();
-            (d.device_type(), d.save_state())
+            let dev = self.dev();
+            (dev.device_type(), dev.save_state())
         };
         Ok(VirtioPciState {
             device_type,
@@ -322,9 +322,8 @@ impl VirtioPciDevice {
             .unwrap_or_else(|p| p.into_inner())
             .restore_state(&state.msix, &config)
             .map_err(pci_err)?;
-        self.dev()
-            .restore_state(&state.device)
-            .map_err(|why| self.invalid(why))?;
+        let restored = self.dev().restore_state(&state.device);
+        restored.map_err(|why| self.invalid(why))?;
         self.config = config;
         let old_bar = self.bar_addr;
         if old_bar != new_bar {
@@ -351,3 +350,7 @@ impl VirtioPciDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "pci_state_tests.rs"]
+mod tests;
