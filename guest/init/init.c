@@ -30,7 +30,7 @@
  *      up to 256 bytes, writes back "echo:" + those bytes,
  *      "keel-init: vsock echoed <n> bytes"; on a failed step
  *      "keel-init: vsock error <step> <-errno>" and it goes on;
- *        vdb    -> reads the first MiB of /dev/vdb with O_DIRECT (from the
+ *        vdb    -> reads the first 64 KiB of /dev/vdb with O_DIRECT (from the
  *                  device, never the page cache): "keel-init: vdb read=<bytes,
  *                  or -errno> fnv=<FNV-1a 64 of them, 16 hex digits>"
  *   7. keel_wait=powerbutton: opens every /dev/input/eventN, prints
@@ -376,11 +376,11 @@ static void report_rng(void)
 	}
 }
 
-/* keel_report=vdb: the first MiB of /dev/vdb, read past the page cache. */
+/* keel_report=vdb: the first 64 KiB of /dev/vdb, read past the page cache. */
 static void report_vdb(void)
 {
 	static const char hex[] = "0123456789abcdef";
-	static unsigned char buf[1 << 20] __attribute__((aligned(4096)));
+	static unsigned char buf[64 << 10] __attribute__((aligned(4096)));
 	unsigned long long h = 0xcbf29ce484222325ULL;
 	char out[17];
 	long fd, got = 0, n;

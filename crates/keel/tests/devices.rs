@@ -369,8 +369,8 @@ fn snapshot_restore(a: &Assets) -> Result<(), Failed> {
         .collect();
     std::fs::write(&data, &pattern).map_err(|e| e.to_string())?;
     let want = format!(
-        "keel-init: vdb read=1048576 fnv={}",
-        fnv(&pattern[..1 << 20])
+        "keel-init: vdb read=65536 fnv={}",
+        fnv(&pattern[..64 << 10])
     );
     let n = std::process::id() % 200 + 20;
     let tap = HostTap::new(
@@ -399,6 +399,9 @@ fn snapshot_restore(a: &Assets) -> Result<(), Failed> {
         &format!("tap={}", tap.name),
         "--api-socket",
         &api1.display().to_string(),
+        // The restored VM keeps it: the guest reads its disk after the press (slow on PVM).
+        "--shutdown-timeout",
+        "120",
         "--cmdline",
         &cmdline,
     ]);

@@ -27,6 +27,8 @@ pub(crate) struct DeviceHandles {
     /// The disks, in `--disk` order.
     pub disks: Vec<crate::snapshot::DiskSlot>,
     pub disk_info: Vec<keel_api::DiskInfo>,
+    /// The root bus (a restore re-reads every BAR the devices' restored state programs).
+    pub root: Option<Arc<PciRoot>>,
 }
 
 /// A disk's chain of images, opened.
@@ -209,6 +211,7 @@ pub(crate) fn build_pci(
         b.handles.balloon = Some(Arc::new(handle));
     }
     let root = Arc::new(b.root);
+    b.handles.root = Some(root.clone());
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
         PciConfigIo::BASE.into(),

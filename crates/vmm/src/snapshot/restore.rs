@@ -172,6 +172,13 @@ impl Vmm {
             let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
             d.restore_state(state)
                 .map_err(|e| bad(format!("PCI device {i} ({}): {e}", d.name())))?;
+        }
+        // The BAR windows follow the addresses the restored config spaces hold.
+        if let Some(root) = &parts.pci.root {
+            root.refresh_all_bars();
+        }
+        for (i, dev) in parts.pci.virtio.iter().enumerate() {
+            let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
             d.resume()
                 .map_err(|e| bad(format!("PCI device {i} ({}): {e}", d.name())))?;
         }
