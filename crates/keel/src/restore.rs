@@ -9,9 +9,9 @@
 
 use crate::jailed;
 use crate::snapshot::{backing_name, create_overlay, overlay_path, read_key};
-use keel_snapshot::{PartKind, Snapshot};
+use keel_snapshot::Snapshot;
 use keel_vmm::snapshot::format::{
-    identity, SavedDisks, SavedVm, DISKS_PART, MEMORY_PART, STATE_PART,
+    identity, parse_disks, parse_state, SavedDisks, SavedVm, DISKS_PART, MEMORY_PART, STATE_PART,
 };
 use keel_vmm::snapshot::{DiskChain, RestoreSpec};
 use keel_vmm::{VmIo, Vmm};
@@ -65,39 +65,16 @@ fn load(
     let snap = Snapshot::open(dir, key).map_err(|e| e.to_string())?;
     let part =
         |name: &str| -> Result<Vec<u8>, String> { snap.read_part(name).map_err(|e| e.to_string()) };
-    let saved: SavedVm = serde_json::from_slice(&part(STATE_PART)?)
-        .map_err(|e| format!("{STATE_PART} is malformed: {e}"))?;
-    let disks: SavedDisks = serde_json::from_slice(&part(DISKS_PART)?)
-        .map_err(|e| format!("{DISKS_PART} is malformed: {e}"))?;
+    let saved = parse_state(&part(STATE_PART)?)?;
+    let disks = parse_disks(
+        &part(DISKS_PART)?,
+        saved.config.disks.len(),
+        snap.manifest(),
+    )?;
     let memory = snap
         .part(MEMORY_PART)
         .ok_or_else(|| format!("the snapshot has no {MEMORY_PART} part"))?;
-    if disks.disks.len() != saved.config.disks.len() {
-        return Err(format!(
-            "{DISKS_PART} lists {} disks; the VM has {}",
-            disks.disks.len(),
-            saved.config.disks.len()
-        ));
-    }
     for (i, d) in disks.disks.iter().enumerate() {
-        if d.index != i {
-            return Err(format!(
-                "{DISKS_PART}: disk {i} is listed as disk {}",
-                d.index
-            ));
-        }
-        for name in &d.layers {
-            let is_layer = snap
-                .manifest()
-                .parts
-                .iter()
-                .any(|p| &p.name == name && p.kind == PartKind::DiskLayer);
-            if !is_layer {
-                return Err(format!(
-                    "disk {i}: layer {name} is not a disk layer of the snapshot"
-                ));
-            }
-        }
         let now = File::open(&d.base.path)
             .and_then(|f| identity(&f))
             .map_err(|e| format!("disk {i}: its image {}: {e}", d.base.path.display()))?;

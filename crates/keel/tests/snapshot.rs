@@ -298,7 +298,14 @@ fn rollback_in_any_order() -> Result<(), Failed> {
         return Err(format!("restores went on from {firsts:?}").into());
     }
     eprintln!("A = count {}, B = count {}; A restored twice and B once, each from its own disk ({:.12}…, {:.12}…)", firsts[0].1 - 1, firsts[2].1 - 1, a_sum, b_sum);
-    // Deleting A leaves B whole.
+    // A snapshot of a VM restored from A: its chain holds A's layers as links of its own.
+    let c = dir.path("C");
+    let mut from_a = Vm::restore(&dir, "from-a", &a, None)?;
+    let first = from_a.wait_count(1, Duration::from_secs(30))?;
+    from_a.wait_count(first + 5, Duration::from_secs(20))?;
+    snapshot(&from_a, &c, None)?;
+    from_a.kill();
+    // Deleting A leaves B and C whole.
     let o = keel()
         .args(["snapshot", "--delete"])
         .arg(&a)
@@ -307,10 +314,22 @@ fn rollback_in_any_order() -> Result<(), Failed> {
     if !o.status.success() || a.exists() {
         return Err(format!("delete A: {}", String::from_utf8_lossy(&o.stderr)).into());
     }
-    let mut vm = Vm::restore(&dir, "b2", &b, None)?;
-    let first = vm.wait_count(1, Duration::from_secs(30))?;
-    vm.wait_count(first + 5, Duration::from_secs(20))?;
-    vm.kill();
+    for (name, snap) in [("b2", &b), ("c1", &c)] {
+        let mut vm = Vm::restore(&dir, name, snap, None)?;
+        let first = vm.wait_count(1, Duration::from_secs(30))?;
+        vm.wait_count(first + 5, Duration::from_secs(20))?;
+        let err = vm.kill();
+        if err.contains("panicked") {
+            return Err(format!("{name}: a VMM panicked:\n{err}").into());
+        }
+        let image = chain_contents(snap, &disk)?;
+        check_snapcount_disk(&image, first - 1, SLOTS).map_err(|e| {
+            format!(
+                "{name} after A was deleted: the disk at count {}: {e}",
+                first - 1
+            )
+        })?;
+    }
     Ok(())
 }
 

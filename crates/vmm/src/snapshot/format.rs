@@ -57,6 +57,104 @@ pub struct SavedDisk {
     pub layers: Vec<String>,
 }
 
+/// Most MSRs a saved vCPU may carry (KVM saves about a hundred).
+const MAX_MSRS: usize = 4096;
+/// Most PCI functions a saved VM may have (bus 0 has 32 slots).
+const MAX_DEVICES: usize = 32;
+/// Most layers a saved disk chain may have.
+pub const MAX_LAYERS: usize = 64;
+
+/// Parses and checks the state part: its shape must fit the configuration it carries
+/// (untrusted input: every count is bounded before it is used).
+pub fn parse_state(bytes: &[u8]) -> Result<SavedVm, String> {
+    let saved: SavedVm =
+        serde_json::from_slice(bytes).map_err(|e| format!("{STATE_PART} is malformed: {e}"))?;
+    let c = &saved.config;
+    if c.vcpus == 0 || c.vcpus > 254 || saved.vcpus.len() != c.vcpus as usize {
+        return Err(format!(
+            "{STATE_PART}: {} vCPU states for a VM of {} vCPUs",
+            saved.vcpus.len(),
+            c.vcpus
+        ));
+    }
+    if c.memory < keel_arch::layout::MIN_MEMORY || c.memory > 1 << 44 {
+        return Err(format!("{STATE_PART}: a memory size of {} bytes", c.memory));
+    }
+    if !["IntelVtx", "AmdSvm", "Pvm", "Unknown"].contains(&saved.host_kind.as_str()) {
+        return Err(format!(
+            "{STATE_PART}: unknown host kind {:?}",
+            saved.host_kind
+        ));
+    }
+    if let Some(v) = saved.vcpus.iter().find(|v| v.msrs.len() > MAX_MSRS) {
+        return Err(format!("{STATE_PART}: a vCPU with {} MSRs", v.msrs.len()));
+    }
+    if saved.devices.len() > MAX_DEVICES || c.disks.len() > MAX_DEVICES {
+        return Err(format!("{STATE_PART}: {} devices", saved.devices.len()));
+    }
+    if saved.serial.in_buffer.len() > 64 {
+        return Err(format!(
+            "{STATE_PART}: the serial port holds more than its FIFO"
+        ));
+    }
+    Ok(saved)
+}
+
+/// Parses and checks the disks part against the machine (`disks` configured disks) and the
+/// manifest (every layer must be one of its disk-layer parts).
+pub fn parse_disks(
+    bytes: &[u8],
+    disks: usize,
+    manifest: &keel_snapshot::Manifest,
+) -> Result<SavedDisks, String> {
+    let saved: SavedDisks =
+        serde_json::from_slice(bytes).map_err(|e| format!("{DISKS_PART} is malformed: {e}"))?;
+    if saved.disks.len() != disks {
+        return Err(format!(
+            "{DISKS_PART} lists {} disks; the VM has {disks}",
+            saved.disks.len()
+        ));
+    }
+    for (i, d) in saved.disks.iter().enumerate() {
+        if d.index != i {
+            return Err(format!(
+                "{DISKS_PART}: disk {i} is listed as disk {}",
+                d.index
+            ));
+        }
+        if d.layers.len() > MAX_LAYERS {
+            return Err(format!(
+                "disk {i}: {} layers (at most {MAX_LAYERS})",
+                d.layers.len()
+            ));
+        }
+        if keel_block::ImageFormat::from_name(&d.base.format).is_none() {
+            return Err(format!(
+                "disk {i}: unknown image format {:?}",
+                d.base.format
+            ));
+        }
+        if !d.base.path.is_absolute() {
+            return Err(format!(
+                "disk {i}: its image path {} is not absolute",
+                d.base.path.display()
+            ));
+        }
+        for name in &d.layers {
+            let is_layer = manifest
+                .parts
+                .iter()
+                .any(|p| &p.name == name && p.kind == keel_snapshot::PartKind::DiskLayer);
+            if !is_layer {
+                return Err(format!(
+                    "disk {i}: layer {name} is not a disk layer of the snapshot"
+                ));
+            }
+        }
+    }
+    Ok(saved)
+}
+
 /// The identity of an open file.
 pub fn identity(file: &std::fs::File) -> std::io::Result<FileIdentity> {
     use std::os::unix::fs::MetadataExt;
