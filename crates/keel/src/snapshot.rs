@@ -209,6 +209,15 @@ fn take_into(
         let (Some(base), Some(top)) = (d.layers.first(), d.layers.last()) else {
             return Err(fail(format!("disk {}: the VMM reports no image", d.index)));
         };
+        if d.layers.len() > keel_vmm::snapshot::format::MAX_LAYERS {
+            return Err(usage(format!(
+                "disk {} already has {} layers (a restore takes at most {}): merge them with \
+                 `qemu-img commit` on a stopped VM first",
+                d.index,
+                d.layers.len() - 1,
+                keel_vmm::snapshot::format::MAX_LAYERS
+            )));
+        }
         let path = overlay_path(&base.path, &tag);
         let backing = backing_name(d.index, &base.path, d.layers.len() - 1);
         let file = create_overlay(&path, d.size, &backing, &top.format).map_err(fail)?;
