@@ -98,6 +98,27 @@ pub(crate) struct NetHandler {
 
 impl NetHandler {
     /// A paused handler's queues (receive, transmit), with their positions.
+    /// The frame waiting for receive buffers, if any (after a pause).
+    pub(super) fn take_held(&mut self) -> Option<HeldFrame> {
+        let len = self.rx.pending.take()?;
+        Some(HeldFrame {
+            bytes: self.rx.frame.get(..len)?.to_vec(),
+            charged: std::mem::take(&mut self.rx.charged),
+        })
+    }
+
+    /// Starts with `held` waiting for receive buffers (before the thread runs).
+    pub(super) fn hold(&mut self, held: HeldFrame) {
+        let len = held.bytes.len();
+        if let Some(dst) = self.rx.frame.get_mut(..len) {
+            dst.copy_from_slice(&held.bytes);
+            self.rx.pending = Some(len);
+            self.rx.charged = held.charged;
+        } else {
+            count(&self.shared.stats.rx_dropped, 1);
+        }
+    }
+
     pub(super) fn take_queues(&mut self) -> (Queue, Queue) {
         (
             std::mem::take(&mut self.rx.queue),
@@ -232,10 +253,8 @@ impl EventHandler for NetHandler {
     }
 
     fn quiesce(&mut self) -> Result<(), DeviceError> {
-        if self.rx.pending.take().is_some() {
-            count(&self.shared.stats.rx_dropped, 1);
-        }
-        // On this thread: the caller's filter may have no tap ioctls.
+        // A frame waiting for receive buffers stays in `rx` for the device to take
+        // (`take_held`). On this thread: the caller's filter may have no tap ioctls.
         self.clear_offloads();
         Ok(())
     }
@@ -451,6 +470,13 @@ enum Read {
     Frame(usize),
     Dropped,
     Empty,
+}
+
+/// A received frame carried from one data path to the next across a pause.
+pub(crate) struct HeldFrame {
+    bytes: Vec<u8>,
+    /// Already charged to the receive limiter.
+    charged: bool,
 }
 
 struct Rx {

@@ -26,7 +26,7 @@ use crate::device::read_config_bytes;
 use crate::{
     features, types, ActivateContext, ActivateError, VirtioDevice, Worker, QUEUE_MAX_SIZE,
 };
-use datapath::NetHandler;
+use datapath::{HeldFrame, NetHandler};
 use keel_net::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use keel_rate_limiter::{Budget, RateLimiter};
 use serde::{Deserialize, Serialize};
@@ -169,6 +169,10 @@ pub struct Net {
     rx_limit: Option<Budget>,
     tx_limit: Option<Budget>,
     worker: Option<Worker<NetHandler>>,
+    /// A frame read from the tap that was waiting for receive buffers when the device was
+    /// paused: handed to the next data path of this process (a snapshot must not drop
+    /// traffic of the VM that goes on).
+    held_rx: Option<HeldFrame>,
 }
 
 /// What a snapshot keeps of a virtio-net device: its MAC address (it may have been random),
@@ -221,6 +225,7 @@ impl Net {
             rx_limit: None,
             tx_limit: None,
             worker: None,
+            held_rx: None,
         })
     }
 
@@ -342,7 +347,7 @@ impl VirtioDevice for Net {
             tx: limiter(&self.tx_limit)?,
         };
         let hook = ctx.hooks.device;
-        let (handler, sources) = NetHandler::new(
+        let (mut handler, sources) = NetHandler::new(
             ctx,
             self.tap.clone(),
             self.stats.clone(),
@@ -350,6 +355,9 @@ impl VirtioDevice for Net {
             acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
             limiters,
         )?;
+        if let Some(held) = self.held_rx.take() {
+            handler.hold(held);
+        }
         let worker = Worker::spawn(
             format!("vnet-{}", self.tap.name()),
             sources,
@@ -372,17 +380,24 @@ impl VirtioDevice for Net {
         // Stops the worker; its data path clears the tap's offloads as it ends, on the
         // device thread (a reset runs on the vCPU thread, whose filter has no tap ioctls).
         self.worker = None;
+        if self.held_rx.take().is_some() {
+            self.stats
+                .rx_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn pause(&mut self) -> Vec<(usize, virtio_queue::Queue)> {
         // Every transmit chain taken was sent within its wake-up; receive chains are only
         // consumed with a frame in them. A frame read from the tap and still waiting for
-        // receive buffers is dropped (as a full ring would): the tap keeps the rest. The
-        // offloads are cleared on the device thread and set again from the driver's
-        // features when the data path restarts.
+        // receive buffers is kept for the next data path (the tap keeps the rest); a restore
+        // in another process starts without it, as if the ring had been full. The offloads
+        // are cleared on the device thread and set again from the driver's features when the
+        // data path restarts.
         let Some(mut h) = self.worker.take().and_then(Worker::pause) else {
             return Vec::new();
         };
+        self.held_rx = h.take_held();
         let (rx, tx) = h.take_queues();
         vec![(usize::from(RX_QUEUE), rx), (usize::from(TX_QUEUE), tx)]
     }

@@ -552,3 +552,55 @@ fn a_tx_burst_beyond_the_budget_all_goes_out() {
     assert!(c.wakeups >= 2, "the burst was not split");
     rig.assert_healthy();
 }
+
+#[test]
+fn a_frame_waiting_for_buffers_survives_a_pause() {
+    let want = MRG | features::RING_EVENT_IDX;
+    let Some(mut rig) = Rig::new("a_frame_waiting_for_buffers_survives_a_pause", want) else {
+        return;
+    };
+    // Two frames and no buffers: the device holds the first and leaves the second in the tap.
+    let frames: Vec<_> = (1..=2).map(|t| frame(t, 70 + usize::from(t))).collect();
+    for f in &frames {
+        rig.sock.send(f);
+    }
+    wait_for("the device to look at the tap", || {
+        rig.counters().wakeups >= 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // A snapshot's pause and the resume after it, in this process.
+    let mut queues: Vec<virtio_queue::Queue> =
+        rig.net.pause().into_iter().map(|(_, q)| q).collect();
+    assert_eq!(queues.len(), 2);
+    for q in &mut queues {
+        virtio_queue::QueueT::set_event_idx(q, true);
+    }
+    rig.net
+        .activate(ActivateContext {
+            mem: rig.mem.clone(),
+            interrupt: rig.irq.clone(),
+            queues,
+            queue_events: vec![
+                rig.rx_kick.try_clone().unwrap(),
+                rig.tx_kick.try_clone().unwrap(),
+            ],
+            features: (want & rig.net.features()) | features::VERSION_1,
+            hooks: Default::default(),
+        })
+        .unwrap();
+    let buf = |i: u16| RX_BUFS + u64::from(i) * 0x1000;
+    for i in 0..2 {
+        rig.post_rx(i, buf(i), 2048);
+    }
+    rig.kick_rx();
+    rig.rx.wait_used(2);
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(rig.read(buf(i as u16) + 12, f.len()), *f, "frame {i}");
+    }
+    assert_eq!(
+        rig.counters().rx_dropped,
+        0,
+        "a frame was dropped by the pause"
+    );
+    rig.assert_healthy();
+}
