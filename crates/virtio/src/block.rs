@@ -9,12 +9,12 @@
 use crate::device::read_config_bytes;
 use crate::{
     features, types, ActivateContext, ActivateError, DeviceError, EventHandler, GuestMemory,
-    StateError, VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
+    VirtioDevice, VirtioInterrupt, Worker, QUEUE_MAX_SIZE,
 };
 use keel_block::{DiskImage, EngineConfig, IoEngine, Request, RequestKind, DEVICE_ID_LEN};
 use keel_rate_limiter::{Budget, RateLimiter};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -51,12 +51,15 @@ const MAX_RANGE_SECTORS: u32 = (u32::MAX as u64 / SECTOR) as u32;
 /// How long a pause waits for the requests in flight before it gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the device and its [`BlockControl`] share.
-struct Backing {
-    image: Arc<dyn DiskImage>,
-    /// The data path runs (on `image`): the image cannot be swapped.
-    running: bool,
+pub use crate::block_control::BlockControl;
+
+/// What a snapshot keeps of a block device: the ID (serial) the guest read, which a restored
+/// device keeps although it runs on another file (a new overlay).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub id: String,
 }
+use crate::block_control::{lock, Backing};
 
 /// A virtio block device.
 pub struct Block {
@@ -68,53 +71,6 @@ pub struct Block {
     /// Budgets every request is charged to (its own, a VM-wide one); empty: unlimited.
     rate_limit: Vec<Budget>,
     worker: Option<Worker<BlockHandler>>,
-}
-
-/// Control of a block device from the VMM: swapping its image while it is paused (a
-/// snapshot freezes the current image and carries on on an overlay above it).
-#[derive(Clone)]
-pub struct BlockControl {
-    backing: Arc<Mutex<Backing>>,
-    name: String,
-}
-
-fn lock(b: &Mutex<Backing>) -> MutexGuard<'_, Backing> {
-    b.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl BlockControl {
-    /// Makes `image` the device's disk from the next start (`resume`). Only while the data
-    /// path is stopped (paused, or not started yet); the new image must have the same size
-    /// and mode (read-only or not), which the driver negotiated with.
-    pub fn replace_image(&self, image: Arc<dyn DiskImage>) -> Result<(), StateError> {
-        let mut b = lock(&self.backing);
-        let device = || format!("block {}", self.name);
-        if b.running {
-            return Err(StateError::NotPaused { device: device() });
-        }
-        let (old, new) = (b.image.size(), image.size());
-        if old != new {
-            return Err(StateError::ImageSize {
-                device: device(),
-                old,
-                new,
-            });
-        }
-        if b.image.read_only() != image.read_only() {
-            return Err(StateError::ImageMode {
-                device: device(),
-                old_read_only: b.image.read_only(),
-                new_read_only: image.read_only(),
-            });
-        }
-        b.image = image;
-        Ok(())
-    }
-
-    /// The image the device runs on (or will, from the next start).
-    pub fn image(&self) -> Arc<dyn DiskImage> {
-        lock(&self.backing).image.clone()
-    }
 }
 
 impl Block {
@@ -174,6 +130,25 @@ impl VirtioDevice for Block {
     }
     fn name(&self) -> String {
         format!("block {}", self.name)
+    }
+    fn save_state(&self) -> crate::DeviceState {
+        crate::DeviceState::Block(BlockState {
+            id: self.id.clone(),
+        })
+    }
+    fn restore_state(&mut self, state: &crate::DeviceState) -> Result<(), String> {
+        match state {
+            // The serial the guest read at probe time stays, whatever file the disk is now.
+            crate::DeviceState::Block(b) if b.id.len() <= DEVICE_ID_LEN => {
+                self.id = b.id.clone();
+                Ok(())
+            }
+            crate::DeviceState::Block(b) => Err(format!(
+                "a block device ID of {} bytes (at most {DEVICE_ID_LEN})",
+                b.id.len()
+            )),
+            other => Err(format!("{} state for a block device", other.kind())),
+        }
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
         vec![QUEUE_MAX_SIZE]

@@ -321,3 +321,23 @@ fn rate_limited_bytes_let_an_oversized_read_through_a_full_bucket() {
     clock.advance(std::time::Duration::from_millis(4));
     r.q.wait_used(2);
 }
+
+#[test]
+fn a_restored_disk_keeps_the_serial_the_guest_read() {
+    let a = rig(false);
+    let b = rig(false);
+    let saved = a.dev.save_state();
+    let crate::DeviceState::Block(s) = &saved else {
+        panic!("block state is {}", saved.kind());
+    };
+    assert!(!s.id.is_empty());
+    let mut fresh = b.dev;
+    assert_ne!(fresh.save_state(), saved, "two files, two serials");
+    fresh.reset();
+    fresh.restore_state(&saved).unwrap();
+    assert_eq!(fresh.save_state(), saved);
+    // Untrusted state: an ID longer than GET_ID carries, or another device's state.
+    let long = crate::DeviceState::Block(crate::block::BlockState { id: "x".repeat(21) });
+    assert!(fresh.restore_state(&long).is_err());
+    assert!(fresh.restore_state(&crate::DeviceState::Stateless).is_err());
+}

@@ -9,6 +9,7 @@
 
 pub mod balloon;
 pub mod block;
+mod block_control;
 mod device;
 pub mod net;
 pub mod pci;

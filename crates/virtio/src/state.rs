@@ -84,8 +84,9 @@ impl From<SavedQueue> for QueueState {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceState {
-    /// Nothing beyond the queues (block, rng).
+    /// Nothing beyond the queues (rng).
     Stateless,
+    Block(crate::block::BlockState),
     Net(crate::net::NetState),
     Balloon(Box<crate::balloon::BalloonState>),
     Vsock(crate::vsock::VsockState),
@@ -95,6 +96,7 @@ impl DeviceState {
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceState::Stateless => "stateless",
+            DeviceState::Block(_) => "block",
             DeviceState::Net(_) => "net",
             DeviceState::Balloon(_) => "balloon",
             DeviceState::Vsock(_) => "vsock",
