@@ -112,40 +112,78 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Page size of [`PartKind::Pages`] parts.
 pub const PAGE: usize = 4096;
+/// A [`PartKind::Pages`] part is hashed in chunks of this many bytes (so a reader can check
+/// them on every core at once).
+pub const CHUNK: u64 = 64 << 20;
 
-/// Computes the checksum of a [`PartKind::Pages`] part from its pages, in increasing order
-/// (pages not fed are zero).
-#[derive(Default)]
-pub struct PageHasher(Sha256);
+fn empty_digest() -> [u8; 32] {
+    Sha256::digest([]).into()
+}
+
+/// Computes the checksum of a [`PartKind::Pages`] part of `len` bytes from its pages, fed in
+/// increasing order (pages not fed are zero): the SHA-256 of the concatenated SHA-256 of each
+/// [`CHUNK`], each over the index (u64 little-endian) and bytes of its non-zero pages.
+pub struct PageHasher {
+    len: u64,
+    chunk: u64,
+    current: Sha256,
+    done: Vec<[u8; 32]>,
+}
 
 impl PageHasher {
+    pub fn new(len: u64) -> Self {
+        PageHasher {
+            len,
+            chunk: 0,
+            current: Sha256::new(),
+            done: Vec::new(),
+        }
+    }
+
     /// Feeds page `index` (exactly [`PAGE`] bytes); all-zero pages are skipped, as holes are.
     pub fn page(&mut self, index: u64, bytes: &[u8]) {
         if bytes.iter().all(|&b| b == 0) {
             return;
         }
-        self.0.update(index.to_le_bytes());
-        self.0.update(bytes);
+        let chunk = index * PAGE as u64 / CHUNK;
+        while self.chunk < chunk {
+            let d = std::mem::take(&mut self.current).finalize();
+            self.done.push(d.into());
+            self.chunk += 1;
+        }
+        self.current.update(index.to_le_bytes());
+        self.current.update(bytes);
     }
 
     /// The hex digest.
-    pub fn finish(self) -> String {
-        hex(&self.0.finalize())
+    pub fn finish(mut self) -> String {
+        let chunks = self.len.div_ceil(CHUNK).max(1);
+        while self.chunk < chunks {
+            let d = std::mem::take(&mut self.current).finalize();
+            self.done.push(d.into());
+            self.chunk += 1;
+        }
+        let mut top = Sha256::new();
+        for d in &self.done {
+            top.update(d);
+        }
+        hex(&top.finalize())
     }
 }
 
-/// The [`PartKind::Pages`] checksum and length of a file, reading only its data extents
+/// The digest of chunk `chunk` of the file at `path` (`len` bytes): its data extents only
 /// (SEEK_DATA/SEEK_HOLE; a file system without them reports one extent: still right).
-pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
+fn hash_chunk(path: &Path, len: u64, chunk: u64) -> Result<[u8; 32]> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let f = File::open(path).map_err(io(path))?;
-    let len = f.metadata().map_err(io(path))?.len();
     let fd = f.as_raw_fd();
-    let mut h = PageHasher::default();
+    let end_of_chunk = ((chunk + 1) * CHUNK).min(len);
+    let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
+    let mut pos = chunk * CHUNK;
+    let mut hashed_any = false;
+    while pos < end_of_chunk {
         let Ok(at) = i64::try_from(pos) else { break };
         // SAFETY: lseek on a valid fd this function owns; no memory is passed.
         let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
@@ -163,31 +201,84 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
         }
         // Whole pages: an extent boundary inside a page hashes that page once.
         let start = (data as u64) / PAGE as u64 * PAGE as u64;
-        let end = (hole as u64).min(len);
+        let end = (hole as u64).min(end_of_chunk);
         let mut off = start.max(pos);
         while off < end {
             let want = usize::try_from((end - off).min(buf.len() as u64)).unwrap_or(buf.len());
             let want = want.div_ceil(PAGE) * PAGE;
-            let chunk = buf.get_mut(..want).unwrap_or_default();
+            let chunk_buf = buf.get_mut(..want).unwrap_or_default();
             let mut got = 0;
-            while got < chunk.len() {
+            while got < chunk_buf.len() {
                 let n = f
-                    .read_at(chunk.get_mut(got..).unwrap_or_default(), off + got as u64)
+                    .read_at(
+                        chunk_buf.get_mut(got..).unwrap_or_default(),
+                        off + got as u64,
+                    )
                     .map_err(io(path))?;
                 if n == 0 {
                     break;
                 }
                 got += n;
             }
-            chunk.get_mut(got..).unwrap_or_default().fill(0);
-            for (i, page) in chunk.chunks(PAGE).enumerate() {
-                h.page(off / PAGE as u64 + i as u64, page);
+            chunk_buf.get_mut(got..).unwrap_or_default().fill(0);
+            for (i, page) in chunk_buf.chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    h.update((off / PAGE as u64 + i as u64).to_le_bytes());
+                    h.update(page);
+                    hashed_any = true;
+                }
             }
             off += want as u64;
         }
         pos = off.max(end);
     }
-    Ok((h.finish(), len))
+    Ok(if hashed_any {
+        h.finalize().into()
+    } else {
+        empty_digest()
+    })
+}
+
+/// The [`PartKind::Pages`] checksum and length of a file, its chunks hashed on every core.
+pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
+    let len = std::fs::metadata(path).map_err(io(path))?.len();
+    let chunks = len.div_ceil(CHUNK).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(chunks as usize)
+        .max(1) as u64;
+    let digests: Vec<Result<Vec<(u64, [u8; 32])>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (t..chunks)
+                        .step_by(threads as usize)
+                        .map(|c| hash_chunk(path, len, c).map(|d| (c, d)))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Malformed("a checksum thread failed".into())))
+            })
+            .collect()
+    });
+    let mut all = vec![empty_digest(); chunks as usize];
+    for part in digests {
+        for (c, d) in part? {
+            if let Some(slot) = all.get_mut(c as usize) {
+                *slot = d;
+            }
+        }
+    }
+    let mut top = Sha256::new();
+    for d in &all {
+        top.update(d);
+    }
+    Ok((hex(&top.finalize()), len))
 }
 
 fn mac(key: &[u8], body: &[u8]) -> Result<HmacSha256> {

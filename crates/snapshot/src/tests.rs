@@ -194,7 +194,7 @@ fn sparse_memory(path: &Path) -> (String, u64) {
     let f = File::create(path).unwrap();
     let len = 1024 * PAGE as u64;
     f.set_len(len).unwrap();
-    let mut h = PageHasher::default();
+    let mut h = PageHasher::new(len);
     let a = vec![0x11u8; PAGE];
     let z = vec![0u8; PAGE];
     let b: Vec<u8> = (0..PAGE).map(|i| i as u8).collect();
@@ -281,4 +281,28 @@ fn page_and_disk_layer_parts_are_checked_by_their_kind() {
         Snapshot::open(&d.0, Some(KEY)),
         Err(Error::Malformed(_))
     ));
+}
+
+#[test]
+fn page_checksums_over_many_chunks_match_the_writer() {
+    use std::os::unix::fs::FileExt;
+    let d = Dir::new("chunks");
+    std::fs::create_dir_all(&d.0).unwrap();
+    let p = d.0.join("memory");
+    let f = File::create(&p).unwrap();
+    // Five chunks, the last one short; data in chunks 0, 2 and 4, chunks 1 and 3 empty.
+    let len = 4 * CHUNK + 3 * PAGE as u64;
+    f.set_len(len).unwrap();
+    let pages = [0u64, 5, CHUNK / PAGE as u64 * 2 + 7, len / PAGE as u64 - 1];
+    let mut h = PageHasher::new(len);
+    for (i, &index) in pages.iter().enumerate() {
+        let bytes = vec![i as u8 + 1; PAGE];
+        f.write_all_at(&bytes, index * PAGE as u64).unwrap();
+        h.page(index, &bytes);
+    }
+    let sum = h.finish();
+    assert_eq!(hash_pages_file(&p).unwrap(), (sum.clone(), len));
+    // A byte changed in the last, short chunk is seen.
+    f.write_all_at(&[9], len - 1).unwrap();
+    assert_ne!(hash_pages_file(&p).unwrap().0, sum);
 }

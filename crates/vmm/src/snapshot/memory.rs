@@ -118,7 +118,7 @@ pub(crate) fn save(
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     out.set_len(0)?;
     out.set_len(total)?;
-    let mut hasher = PageHasher::default();
+    let mut hasher = PageHasher::new(total);
     let mut data_bytes = 0u64;
     let mut base = 0u64;
     let mut page = vec![0u8; PAGE];
