@@ -239,6 +239,9 @@ fn hash_chunk(path: &Path, len: u64, chunk: u64) -> Result<[u8; 32]> {
     })
 }
 
+/// (chunk number, digest) pairs one thread computed.
+type ChunkDigests = Vec<(u64, [u8; 32])>;
+
 /// The [`PartKind::Pages`] checksum and length of a file, its chunks hashed on every core.
 pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
     let len = std::fs::metadata(path).map_err(io(path))?.len();
@@ -247,7 +250,7 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
         .map_or(1, |n| n.get())
         .min(chunks as usize)
         .max(1) as u64;
-    let digests: Vec<Result<Vec<(u64, [u8; 32])>>> = std::thread::scope(|s| {
+    let digests: Vec<Result<ChunkDigests>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
