@@ -464,7 +464,7 @@ fn bad_snapshots_are_refused() -> Result<(), Failed> {
     edit_manifest(&tampered, &|v| {
         for p in v["parts"].as_array_mut().unwrap() {
             if p["name"] == "state.json" {
-                p["sha256"] = sum.clone().into();
+                p["digest"] = sum.clone().into();
                 p["size"] = size.into();
             }
         }

@@ -116,7 +116,7 @@ fn keys_authenticate_the_whole_snapshot() {
     let d = make("tamper", Some(KEY));
     std::fs::write(d.0.join("vm.json"), br#"{"vcpus":9}"#).unwrap();
     let (sha, _) = hash_file(&d.0.join("vm.json")).unwrap();
-    edit_manifest(&d, |v| v["parts"][0]["sha256"] = sha.into());
+    edit_manifest(&d, |v| v["parts"][0]["digest"] = sha.into());
     assert!(matches!(
         Snapshot::open(&d.0, Some(KEY)),
         Err(Error::Tampered)
@@ -231,11 +231,11 @@ fn page_parts_hash_only_data_and_ignore_how_holes_are_stored() {
 fn page_and_disk_layer_parts_are_checked_by_their_kind() {
     let d = Dir::new("kinds");
     let mut w = Writer::create(&d.0).unwrap();
-    let (sha256, size) = sparse_memory(&w.part_path("memory").unwrap());
+    let (digest, size) = sparse_memory(&w.part_path("memory").unwrap());
     w.add_hashed(Part {
         name: "memory".into(),
         size,
-        sha256,
+        digest,
         kind: PartKind::Pages,
     })
     .unwrap();
@@ -246,7 +246,7 @@ fn page_and_disk_layer_parts_are_checked_by_their_kind() {
     let bad = Part {
         name: "x".into(),
         size: 4,
-        sha256: "0".repeat(64),
+        digest: "0".repeat(64),
         kind: PartKind::Whole,
     };
     assert!(matches!(w.add_hashed(bad), Err(Error::SizeMismatch { .. })));
@@ -276,7 +276,7 @@ fn page_and_disk_layer_parts_are_checked_by_their_kind() {
     );
     // A disk layer must not claim a checksum, and the kind cannot be dropped silently
     // under a key (the HMAC covers it).
-    edit_manifest(&d, |v| v["parts"][1]["sha256"] = "a".repeat(64).into());
+    edit_manifest(&d, |v| v["parts"][1]["digest"] = "a".repeat(64).into());
     assert!(matches!(
         Snapshot::open(&d.0, Some(KEY)),
         Err(Error::Malformed(_))
@@ -293,7 +293,19 @@ fn page_checksums_over_many_chunks_match_the_writer() {
     // Five chunks, the last one short; data in chunks 0, 2 and 4, chunks 1 and 3 empty.
     let len = 4 * CHUNK + 3 * PAGE as u64;
     f.set_len(len).unwrap();
-    let pages = [0u64, 5, CHUNK / PAGE as u64 * 2 + 7, len / PAGE as u64 - 1];
+    let per = CHUNK / PAGE as u64;
+    // Runs of adjacent pages, one across a chunk boundary, fed one page at a time here and
+    // read back in big buffers by the reader.
+    let pages = [
+        0u64,
+        1,
+        2,
+        5,
+        per - 1,
+        per,
+        per * 2 + 7,
+        len / PAGE as u64 - 1,
+    ];
     let mut h = PageHasher::new(len);
     for (i, &index) in pages.iter().enumerate() {
         let bytes = vec![i as u8 + 1; PAGE];

@@ -19,7 +19,7 @@ use vm_memory::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SavedMemory {
     /// `PartKind::Pages` checksum.
-    pub sha256: String,
+    pub digest: String,
     /// File length: the VM's memory size (ROM included).
     pub size: u64,
     /// Bytes actually written (non-zero pages).
@@ -146,7 +146,7 @@ pub(crate) fn save(
             region
                 .read_slice(&mut page, MemoryRegionAddress((i * PAGE) as u64))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if page.iter().all(|&b| b == 0) {
+            if keel_snapshot::is_zero_page(&page) {
                 flush(&mut run, run_at)?;
                 continue;
             }
@@ -165,7 +165,7 @@ pub(crate) fn save(
     }
     out.sync_all()?;
     Ok(SavedMemory {
-        sha256: hasher.finish(),
+        digest: hasher.finish(),
         size: total,
         data_bytes,
     })
@@ -248,7 +248,7 @@ mod tests {
         // The same checksum the snapshot loader computes from the file.
         assert_eq!(
             keel_snapshot::hash_pages_file(&path).unwrap().0,
-            saved.sha256
+            saved.digest
         );
         // Without a pagemap every page is looked at: same result.
         let again = save(&ram.all, &out, None).unwrap();

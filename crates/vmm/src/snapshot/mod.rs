@@ -264,13 +264,13 @@ impl Snapshotter {
             Part {
                 name: MEMORY_PART.into(),
                 size: mem.size,
-                sha256: mem.sha256,
+                digest: mem.digest,
                 kind: PartKind::Pages,
             },
             Part {
                 name: STATE_PART.into(),
                 size: state.len() as u64,
-                sha256: keel_snapshot::sha256_hex(&state),
+                digest: keel_snapshot::sha256_hex(&state),
                 kind: PartKind::Whole,
             },
         ];
