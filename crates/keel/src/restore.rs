@@ -62,7 +62,8 @@ fn load(
     dir: &std::path::Path,
     key: Option<&[u8]>,
 ) -> Result<(SavedVm, SavedDisks, PathBuf, Snapshot), String> {
-    let snap = Snapshot::open(dir, key).map_err(|e| e.to_string())?;
+    // Guest memory is checked while the VMM builds the VM (see `run`).
+    let snap = Snapshot::open_deferring(dir, key, &[MEMORY_PART]).map_err(|e| e.to_string())?;
     let part =
         |name: &str| -> Result<Vec<u8>, String> { snap.read_part(name).map_err(|e| e.to_string()) };
     let saved = parse_state(&part(STATE_PART)?)?;
@@ -169,7 +170,22 @@ pub fn run(args: RestoreArgs) -> ExitCode {
             console_escape: true,
         }
     };
-    let build: jailed::Build = Box::new(move |config, io| Vmm::restore(spec, config, io));
+    // The memory check (the one part of a restore that grows with the guest's data) runs
+    // beside the VM's set-up, in the process that will run the VM, and before any vCPU starts.
+    let build: jailed::Build = Box::new(move |config, io| {
+        let check = std::thread::Builder::new()
+            .name("snapshot-check".into())
+            .spawn(move || snap.verify_part(MEMORY_PART).map_err(|e| e.to_string()));
+        let vmm = Vmm::restore(spec, config, io);
+        let checked = match check {
+            Ok(t) => t
+                .join()
+                .unwrap_or_else(|_| Err("the memory check failed".into())),
+            Err(e) => Err(format!("cannot start the memory check: {e}")),
+        };
+        checked.map_err(keel_vmm::VmmError::Snapshot)?;
+        vmm
+    });
     if !args.no_jail {
         let opts = jailed::JailOptions {
             dir: args.jail_dir,

@@ -103,13 +103,14 @@ fn fail(e: impl std::fmt::Display) -> Failure {
 }
 
 /// The new overlay for a disk, next to the image it was started on:
-/// `<image>.<tag>.<unix ms>.qcow2`.
+/// `<image>.<tag>.<unix ms>-<pid>.qcow2` (clones restored in the same millisecond differ by
+/// their process).
 pub fn overlay_path(base: &Path, tag: &str) -> PathBuf {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let mut name = base.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{tag}.{ms}.qcow2"));
+    name.push(format!(".{tag}.{ms}-{}.qcow2", std::process::id()));
     base.with_file_name(name)
 }
 

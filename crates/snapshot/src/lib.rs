@@ -491,6 +491,21 @@ impl Writer {
     }
 }
 
+/// Checks the digest of `part`, at `file`.
+fn verify(file: &Path, part: &Part) -> Result<()> {
+    let digest = match part.kind {
+        PartKind::Whole => hash_file(file)?.0,
+        PartKind::Pages => hash_pages_file(file)?.0,
+        PartKind::DiskLayer => return Ok(()),
+    };
+    if digest != part.digest {
+        return Err(Error::Corrupted {
+            name: part.name.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// A snapshot directory whose manifest, part sizes, checksums and HMAC all checked out.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -502,6 +517,14 @@ impl Snapshot {
     /// Opens and verifies the snapshot in `dir`. With `key`, the snapshot must carry a
     /// matching HMAC; without, it must carry none.
     pub fn open(dir: &Path, key: Option<&[u8]>) -> Result<Snapshot> {
+        Self::open_deferring(dir, key, &[])
+    }
+
+    /// Like [`Snapshot::open`], but the digests of the parts named in `deferred` are not
+    /// checked yet (their sizes are): the caller checks them with [`Snapshot::verify_part`]
+    /// before it uses their contents (a restore checks guest memory while it builds the VM,
+    /// and starts no vCPU before the check passed).
+    pub fn open_deferring(dir: &Path, key: Option<&[u8]>, deferred: &[&str]) -> Result<Snapshot> {
         let path = dir.join(MANIFEST);
         let f = match File::open(&path) {
             Ok(f) => f,
@@ -548,21 +571,25 @@ impl Snapshot {
                     actual,
                 });
             }
-            let sha = match p.kind {
-                PartKind::Whole => hash_file(&file)?.0,
-                PartKind::Pages => hash_pages_file(&file)?.0,
-                PartKind::DiskLayer => continue,
-            };
-            if sha != p.digest {
-                return Err(Error::Corrupted {
-                    name: p.name.clone(),
-                });
+            if !deferred.contains(&p.name.as_str()) {
+                verify(&file, p)?;
             }
         }
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// Checks part `name`'s digest (one [`Snapshot::open_deferring`] left for later).
+    pub fn verify_part(&self, name: &str) -> Result<()> {
+        let p = self
+            .manifest
+            .parts
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::Malformed(format!("the snapshot has no part {name}")))?;
+        verify(&self.dir.join(&p.name), p)
     }
 
     /// The snapshot's directory.
