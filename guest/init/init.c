@@ -322,13 +322,39 @@ static const char *getenv_(char **envp, const char *name_eq)
 	return v;
 }
 
+/*
+ * Opens `path` with `flags` and reads up to `size` bytes into `buf`: the bytes read, or the
+ * negative errno of the open or of a first read that failed.
+ */
+static long read_dev(const char *path, long flags, unsigned char *buf, long size)
+{
+	long fd, got = 0, n;
+
+	fd = sys3(SYS_open, (long)path, flags, 0);
+	if (fd < 0)
+		return fd;
+	while (got < size) {
+		n = sys3(SYS_read, fd, (long)(buf + got), size - got);
+		if (n == -EINTR)
+			continue;
+		if (n <= 0) {
+			if (got == 0)
+				got = n;
+			break;
+		}
+		got += n;
+	}
+	sys3(SYS_close, fd, 0, 0);
+	return got;
+}
+
 /* keel_report=rng: which hw_random source is current, and 32 bytes of it. */
 static void report_rng(void)
 {
 	static const char hex[] = "0123456789abcdef";
 	unsigned char rnd[32];
 	char line[2 * sizeof(rnd) + 1];
-	long got, n, fd;
+	long got;
 	u32 i;
 
 	got = read_file("/sys/class/misc/hw_random/rng_current", filebuf, sizeof(filebuf));
@@ -343,24 +369,7 @@ static void report_rng(void)
 	}
 	puts_("\n");
 
-	got = 0;
-	fd = sys3(SYS_open, (long)"/dev/hwrng", O_RDONLY, 0);
-	if (fd < 0) {
-		got = fd;
-	} else {
-		while (got < (long)sizeof(rnd)) {
-			n = sys3(SYS_read, fd, (long)(rnd + got), sizeof(rnd) - got);
-			if (n == -EINTR)
-				continue;
-			if (n <= 0) {
-				if (got == 0)
-					got = n;
-				break;
-			}
-			got += n;
-		}
-		sys3(SYS_close, fd, 0, 0);
-	}
+	got = read_dev("/dev/hwrng", O_RDONLY, rnd, sizeof(rnd));
 	puts_("keel-init: hwrng read=");
 	puti(got);
 	puts_("\n");
@@ -383,26 +392,10 @@ static void report_vdb(void)
 	static unsigned char buf[64 << 10] __attribute__((aligned(4096)));
 	unsigned long long h = 0xcbf29ce484222325ULL;
 	char out[17];
-	long fd, got = 0, n;
+	long got;
 	u32 i;
 
-	fd = sys3(SYS_open, (long)"/dev/vdb", O_RDONLY | O_DIRECT, 0);
-	if (fd < 0) {
-		got = fd;
-	} else {
-		while (got < (long)sizeof(buf)) {
-			n = sys3(SYS_read, fd, (long)(buf + got), sizeof(buf) - got);
-			if (n == -EINTR)
-				continue;
-			if (n <= 0) {
-				if (got == 0)
-					got = n;
-				break;
-			}
-			got += n;
-		}
-		sys3(SYS_close, fd, 0, 0);
-	}
+	got = read_dev("/dev/vdb", O_RDONLY | O_DIRECT, buf, sizeof(buf));
 	for (i = 0; got > 0 && i < (u32)got; i++) {
 		h ^= buf[i];
 		h *= 0x100000001b3ULL;

@@ -65,6 +65,38 @@ struct VmArg {
     vm: PathBuf,
 }
 
+/// How the VMM is confined: the same for `keel run` and `keel restore`.
+#[derive(clap::Args)]
+pub(crate) struct Confinement {
+    /// Run without the per-thread seccomp filters (debugging only: a compromised VMM then
+    /// keeps every system call).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Run the VMM without its jail (namespaces, pivot_root, unprivileged uid): for
+    /// debugging only.
+    #[arg(long)]
+    no_jail: bool,
+    /// Directory below which each VM's jail root is mounted (as <DIR>/vm-<PID>).
+    #[arg(long, value_name = "DIR", default_value = jailed::DEFAULT_JAIL_DIR)]
+    jail_dir: PathBuf,
+    /// The uid the jailed VMM runs as (default: one of its own, 0x4b000000 + keel's PID).
+    #[arg(long, value_name = "UID")]
+    jail_uid: Option<u32>,
+    /// The gid the jailed VMM runs as (default: like the uid).
+    #[arg(long, value_name = "GID")]
+    jail_gid: Option<u32>,
+    /// Join this network namespace (e.g. /var/run/netns/NAME) instead of a new, empty one;
+    /// taps are then created there.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+}
+
+impl Confinement {
+    pub(crate) fn seccomp(&self) -> bool {
+        !self.no_seccomp
+    }
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Kernel image: bzImage, or ELF vmlinux (booted via PVH when it has the PVH note).
@@ -112,10 +144,6 @@ struct RunArgs {
     /// Back all guest memory with host RAM before the guest starts.
     #[arg(long)]
     prefault: bool,
-    /// Run without the per-thread seccomp filters (debugging only: a compromised VMM then
-    /// keeps every system call).
-    #[arg(long)]
-    no_seccomp: bool,
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on]. Repeatable; the first
     /// is /dev/vda. Its own limits: bps=RATE (bytes/s, e.g. 10M), iops=N, and their bursts
     /// bps_burst=SIZE, iops_burst=N (default: 100 ms worth).
@@ -140,23 +168,8 @@ struct RunArgs {
     /// Listen for control requests (e.g. the balloon target) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// Run the VMM without its jail (namespaces, pivot_root, unprivileged uid): for
-    /// debugging only.
-    #[arg(long)]
-    no_jail: bool,
-    /// Directory below which each VM's jail root is mounted (as <DIR>/vm-<PID>).
-    #[arg(long, value_name = "DIR", default_value = jailed::DEFAULT_JAIL_DIR)]
-    jail_dir: PathBuf,
-    /// The uid the jailed VMM runs as (default: one of its own, 0x4b000000 + keel's PID).
-    #[arg(long, value_name = "UID")]
-    jail_uid: Option<u32>,
-    /// The gid the jailed VMM runs as (default: like the uid).
-    #[arg(long, value_name = "GID")]
-    jail_gid: Option<u32>,
-    /// Join this network namespace (e.g. /var/run/netns/NAME) instead of a new, empty one;
-    /// taps are then created there.
-    #[arg(long, value_name = "PATH")]
-    netns: Option<PathBuf>,
+    #[command(flatten)]
+    confinement: Confinement,
     /// Seconds the guest gets to power off after SIGTERM presses its power button.
     #[arg(long, value_name = "SECS", default_value_t = keel_vmm::config::DEFAULT_SHUTDOWN_TIMEOUT_SECS)]
     shutdown_timeout: u32,
@@ -331,32 +344,39 @@ fn run(args: RunArgs) -> ExitCode {
         api_socket: args.api_socket,
         io_limit,
         shutdown_timeout_secs: args.shutdown_timeout,
-        seccomp: !args.no_seccomp,
+        seccomp: args.confinement.seccomp(),
     };
-    if args.no_seccomp {
+    launch(config, Box::new(Vmm::new), args.confinement)
+}
+
+/// The console of `keel run` and `keel restore`: this terminal, Ctrl-A x to leave.
+fn console_io() -> VmIo {
+    let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
+    VmIo {
+        serial_out: Box::new(std::io::stdout()),
+        console_in: stdin,
+        console_escape: true,
+    }
+}
+
+/// Builds the VM with `build` and runs it on this terminal, jailed unless `--no-jail`.
+pub(crate) fn launch(config: VmConfig, build: jailed::Build, c: Confinement) -> ExitCode {
+    if c.no_seccomp {
         tracing::warn!(
             "--no-seccomp: the VMM's threads run without seccomp filters (debugging only)"
         );
     }
-    let io = || {
-        let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
-        VmIo {
-            serial_out: Box::new(std::io::stdout()),
-            console_in: stdin,
-            console_escape: true,
-        }
-    };
-    if !args.no_jail {
+    if !c.no_jail {
         let opts = jailed::JailOptions {
-            dir: args.jail_dir,
-            uid: args.jail_uid,
-            gid: args.jail_gid,
-            netns: args.netns,
+            dir: c.jail_dir,
+            uid: c.jail_uid,
+            gid: c.jail_gid,
+            netns: c.netns,
         };
-        return jailed::run(config, Box::new(Vmm::new), io, opts);
+        return jailed::run(config, build, console_io, opts);
     }
     tracing::warn!("--no-jail: the VMM runs with all of this process's privileges");
-    let vmm = match Vmm::new(config, io()) {
+    let vmm = match build(config, console_io()) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("keel: {e}");

@@ -14,9 +14,8 @@ use keel_vmm::snapshot::format::{
     identity, parse_disks, parse_state, SavedDisks, SavedVm, DISKS_PART, MEMORY_PART, STATE_PART,
 };
 use keel_vmm::snapshot::{DiskChain, RestoreSpec};
-use keel_vmm::{VmIo, Vmm};
+use keel_vmm::Vmm;
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,24 +31,8 @@ pub struct RestoreArgs {
     /// reused: the VM it came from may still run).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// Run without the per-thread seccomp filters (debugging only).
-    #[arg(long)]
-    no_seccomp: bool,
-    /// Run the VMM without its jail (debugging only).
-    #[arg(long)]
-    no_jail: bool,
-    /// Directory below which each VM's jail root is mounted (as <DIR>/vm-<PID>).
-    #[arg(long, value_name = "DIR", default_value = jailed::DEFAULT_JAIL_DIR)]
-    jail_dir: PathBuf,
-    /// The uid the jailed VMM runs as (default: one of its own).
-    #[arg(long, value_name = "UID")]
-    jail_uid: Option<u32>,
-    /// The gid the jailed VMM runs as (default: like the uid).
-    #[arg(long, value_name = "GID")]
-    jail_gid: Option<u32>,
-    /// Join this network namespace instead of a new, empty one.
-    #[arg(long, value_name = "PATH")]
-    netns: Option<PathBuf>,
+    #[command(flatten)]
+    confinement: crate::Confinement,
 }
 
 fn refuse(dir: &std::path::Path, e: impl std::fmt::Display) -> ExitCode {
@@ -151,7 +134,7 @@ pub fn run(args: RestoreArgs) -> ExitCode {
     }
     let mut config = saved.config.clone();
     config.api_socket = args.api_socket.clone();
-    config.seccomp = !args.no_seccomp;
+    config.seccomp = args.confinement.seccomp();
     let spec = RestoreSpec {
         saved,
         memory,
@@ -162,14 +145,6 @@ pub fn run(args: RestoreArgs) -> ExitCode {
         dir.display(),
         start.elapsed().as_millis()
     );
-    let io = || {
-        let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
-        VmIo {
-            serial_out: Box::new(std::io::stdout()),
-            console_in: stdin,
-            console_escape: true,
-        }
-    };
     // The memory check (the one part of a restore that grows with the guest's data) runs
     // beside the VM's set-up, in the process that will run the VM, and before any vCPU starts.
     let build: jailed::Build = Box::new(move |config, io| {
@@ -186,26 +161,5 @@ pub fn run(args: RestoreArgs) -> ExitCode {
         checked.map_err(keel_vmm::VmmError::Snapshot)?;
         vmm
     });
-    if !args.no_jail {
-        let opts = jailed::JailOptions {
-            dir: args.jail_dir,
-            uid: args.jail_uid,
-            gid: args.jail_gid,
-            netns: args.netns,
-        };
-        return jailed::run(config, build, io, opts);
-    }
-    tracing::warn!("--no-jail: the VMM runs with all of this process's privileges");
-    let vmm = match build(config, io()) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("keel: {e}");
-            return ExitCode::from(if e.is_usage() { 2 } else { 1 });
-        }
-    };
-    if let Err(e) = keel_vmm::install_stop_signal_handlers() {
-        eprintln!("keel: {e}");
-        return ExitCode::from(1);
-    }
-    crate::run_vmm(vmm)
+    crate::launch(config, build, args.confinement)
 }

@@ -291,6 +291,8 @@ impl Snapshotter {
         overlay_files: Vec<File>,
     ) -> Result<Vec<FrozenDisk>, String> {
         let mut info = self.disk_info.lock().unwrap_or_else(|p| p.into_inner());
+        // Identities as the snapshot leaves them: the devices are paused and drained, so no
+        // write (nor its mtime) comes after this; the flush in `freeze` changes neither.
         let mut frozen = Vec::new();
         for (index, slot) in self.disks.iter().enumerate() {
             let layers = info
@@ -324,12 +326,6 @@ impl Snapshotter {
             let overlay = keel_block::open_overlay(file, &o.path, false, top.clone())
                 .map_err(|e| format!("disk {}: new overlay: {e}", o.disk))?;
             keel_block::freeze(&top).map_err(|e| format!("disk {}: {e}", o.disk))?;
-            // The identity once flushed: what a restore checks the layer against.
-            if let (Some(fd), Some(f)) = (top.lock_fd(), frozen.get_mut(o.disk)) {
-                if let (Ok(id), Some(last)) = (fd_identity(fd), f.identities.last_mut()) {
-                    *last = id;
-                }
-            }
             slot.control
                 .replace_image(overlay.clone())
                 .map_err(|e| format!("disk {}: {e}", o.disk))?;
