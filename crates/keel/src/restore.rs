@@ -3,7 +3,11 @@
 //! Everything in the snapshot is checked here, on the host, before a VMM exists: the
 //! manifest, every part's size and checksum (and the HMAC with `--snapshot-key`), the
 //! machine state's shape, and each disk image below the snapshot's layers, which must be
-//! exactly as it was when the snapshot froze it. A bad snapshot is refused with exit status 2.
+//! exactly as it was when the snapshot froze it. Guest memory, the one part that grows with
+//! the guest, is checked chunk by chunk as the restored VM first uses it (against chunk
+//! digests the state lists, checked here to make the memory part's digest), and by a
+//! checker beside the guest. A bad snapshot is refused with exit status 2, or stops the VM
+//! with it when a memory chunk fails.
 //! Each writable disk gets a new qcow2 overlay next to its image; the VMM stacks it on the
 //! snapshot's frozen layers, so the snapshot itself is never written.
 
@@ -11,7 +15,8 @@ use crate::jailed;
 use crate::snapshot::{backing_name, create_overlay, overlay_path, read_key};
 use keel_snapshot::Snapshot;
 use keel_vmm::snapshot::format::{
-    identity, parse_disks, parse_state, SavedDisks, SavedVm, DISKS_PART, MEMORY_PART, STATE_PART,
+    identity, memory_chunks, parse_disks, parse_state, SavedDisks, SavedVm, DISKS_PART,
+    MEMORY_PART, STATE_PART,
 };
 use keel_vmm::snapshot::{DiskChain, RestoreSpec};
 use keel_vmm::Vmm;
@@ -45,11 +50,24 @@ fn load(
     dir: &std::path::Path,
     key: Option<&[u8]>,
 ) -> Result<(SavedVm, SavedDisks, PathBuf, Snapshot), String> {
-    // Guest memory is checked while the VMM builds the VM (see `run`).
+    // Guest memory is checked as the VM uses it (see the module's comment).
     let snap = Snapshot::open_deferring(dir, key, &[MEMORY_PART]).map_err(|e| e.to_string())?;
     let part =
         |name: &str| -> Result<Vec<u8>, String> { snap.read_part(name).map_err(|e| e.to_string()) };
     let saved = parse_state(&part(STATE_PART)?)?;
+    let chunks = memory_chunks(&saved)?;
+    let listed = snap
+        .manifest()
+        .parts
+        .iter()
+        .find(|p| p.name == MEMORY_PART && p.kind == keel_snapshot::PartKind::Pages)
+        .ok_or_else(|| format!("the snapshot has no {MEMORY_PART} part of kind pages"))?;
+    if keel_snapshot::pages_digest(&chunks) != listed.digest {
+        return Err(format!(
+            "snapshot part {MEMORY_PART} is corrupted: the chunk digests in {STATE_PART} do \
+             not make its digest"
+        ));
+    }
     let disks = parse_disks(
         &part(DISKS_PART)?,
         saved.config.disks.len(),
@@ -145,21 +163,6 @@ pub fn run(args: RestoreArgs) -> ExitCode {
         dir.display(),
         start.elapsed().as_millis()
     );
-    // The memory check (the one part of a restore that grows with the guest's data) runs
-    // beside the VM's set-up, in the process that will run the VM, and before any vCPU starts.
-    let build: jailed::Build = Box::new(move |config, io| {
-        let check = std::thread::Builder::new()
-            .name("snapshot-check".into())
-            .spawn(move || snap.verify_part(MEMORY_PART).map_err(|e| e.to_string()));
-        let vmm = Vmm::restore(spec, config, io);
-        let checked = match check {
-            Ok(t) => t
-                .join()
-                .unwrap_or_else(|_| Err("the memory check failed".into())),
-            Err(e) => Err(format!("cannot start the memory check: {e}")),
-        };
-        checked.map_err(keel_vmm::VmmError::Snapshot)?;
-        vmm
-    });
+    let build: jailed::Build = Box::new(move |config, io| Vmm::restore(spec, config, io));
     crate::launch(config, build, args.confinement)
 }

@@ -6,6 +6,7 @@
 //! ```text
 //! main thread: prepare() ── apply(Vmm) ──┬── spawns vCPU threads ── apply(Vcpu)
 //!                                        ├── spawns the API thread ── apply(Api)
+//!                                        ├── (a restored VM) the pager, checker ── apply(Pager)
 //!                                        └── event loop: activates devices ──┬── apply(Device)
 //!                                                                            └── apply(BlockIo)
 //! ```
@@ -34,15 +35,19 @@ pub enum ThreadKind {
     BlockIo,
     /// The control socket.
     Api,
+    /// The memory pager of a restored VM (userfaultfd) and its checker: reads of the
+    /// snapshot's memory part, pages copied into guest memory.
+    Pager,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::BlockIo,
         ThreadKind::Api,
+        ThreadKind::Pager,
     ];
 
     /// Its name in logs.
@@ -53,6 +58,7 @@ impl ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::BlockIo => "block-io",
             ThreadKind::Api => "api",
+            ThreadKind::Pager => "pager",
         }
     }
 

@@ -115,6 +115,16 @@ const API: &[c_long] = &[
     libc::SYS_shutdown,
 ];
 
+/// The pager of a restored VM: waits on its userfaultfd, reads fault messages, reads chunks
+/// of the memory part (SEEK_DATA/SEEK_HOLE, pread); the checker does the reads only.
+const PAGER: &[c_long] = &[
+    libc::SYS_lseek,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_pread64,
+    libc::SYS_read,
+];
+
 /// The event loop (and the process's main thread after the VM ends): polls, starts and
 /// stops device threads (clone3, io_uring and eventfd set-up, filters for the new threads),
 /// kicks vCPUs, and tears the VM down (image locks, socket files, the cgroup).
@@ -131,6 +141,8 @@ const VMM: &[c_long] = &[
     libc::SYS_rseq,
     libc::SYS_sched_getaffinity,
     libc::SYS_seccomp,
+    // A restored VM's memory checker lowers its own priority before its filter.
+    libc::SYS_setpriority,
     libc::SYS_set_robust_list,
     libc::SYS_setsockopt,
     libc::SYS_unlink,
@@ -222,8 +234,12 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Rules {
             allow(&mut m, API);
             ioctls(&mut m, ioctls::API);
         }
+        ThreadKind::Pager => {
+            allow(&mut m, PAGER);
+            ioctls(&mut m, keel_uffd::HANDLER_IOCTLS);
+        }
         ThreadKind::Vmm => {
-            for list in [VCPU, DEVICE, BLOCK_IO, API, VMM] {
+            for list in [VCPU, DEVICE, BLOCK_IO, API, PAGER, VMM] {
                 allow(&mut m, list);
             }
             unix_sockets(&mut m);
@@ -241,6 +257,7 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Rules {
             all.extend_from_slice(ioctls::VCPU);
             all.extend_from_slice(ioctls::DEVICE);
             all.extend_from_slice(ioctls::API);
+            all.extend_from_slice(keel_uffd::HANDLER_IOCTLS);
             all.sort_unstable();
             all.dedup();
             ioctls(&mut m, &all);

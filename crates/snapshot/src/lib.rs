@@ -88,6 +88,19 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// A 32-byte digest as lower-case hex.
+pub fn digest_hex(d: &[u8; 32]) -> String {
+    hex(d)
+}
+
+/// A 32-byte digest from 64 hex digits (`None` for anything else).
+pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    unhex(s)?.try_into().ok()
+}
+
 /// The SHA-256 and length of a file, read in blocks.
 fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut f = File::open(path).map_err(io(path))?;
@@ -244,71 +257,101 @@ impl PageHasher {
     }
 
     /// The hex digest.
-    pub fn finish(mut self) -> String {
-        let chunks = self.len.div_ceil(CHUNK).max(1);
-        self.advance_to(chunks);
-        let mut top = blake3::Hasher::new();
-        for d in &self.done {
-            top.update(d);
-        }
-        hex(top.finalize().as_bytes())
+    pub fn finish(self) -> String {
+        self.finish_chunks().0
+    }
+
+    /// The hex digest and the digest of each chunk it is made of.
+    pub fn finish_chunks(mut self) -> (String, Vec<[u8; 32]>) {
+        self.advance_to(chunk_count(self.len));
+        (pages_digest(&self.done), self.done)
     }
 }
 
-/// The digest of chunk `chunk` of the file at `path` (`len` bytes): its data extents only
-/// (SEEK_DATA/SEEK_HOLE; a file system without them reports one extent: still right).
-fn hash_chunk(path: &Path, len: u64, chunk: u64) -> Result<[u8; 32]> {
+/// The number of [`CHUNK`]s of a [`PartKind::Pages`] part of `len` bytes.
+pub fn chunk_count(len: u64) -> u64 {
+    len.div_ceil(CHUNK).max(1)
+}
+
+/// The digest of a chunk with no data (all zeros).
+pub fn empty_chunk_digest() -> [u8; 32] {
+    ChunkHasher::new().finish()
+}
+
+/// The [`PartKind::Pages`] checksum (hex) made of its chunks' digests, in order.
+pub fn pages_digest(chunks: &[[u8; 32]]) -> String {
+    let mut top = blake3::Hasher::new();
+    for d in chunks {
+        top.update(d);
+    }
+    hex(top.finalize().as_bytes())
+}
+
+/// Reads chunk `chunk` of the [`PartKind::Pages`] part `file` (`len` bytes long) into the
+/// front of `buf` and returns its digest. Only the file's data extents are read
+/// (SEEK_DATA/SEEK_HOLE; a file system without them reports one extent: still right); the
+/// rest of the chunk's bytes in `buf` are zeroed. `buf` must hold the chunk: [`CHUNK`]
+/// bytes, or what is left of the file for the last one.
+pub fn read_chunk(file: &File, len: u64, chunk: u64, buf: &mut [u8]) -> std::io::Result<[u8; 32]> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let f = File::open(path).map_err(io(path))?;
-    let fd = f.as_raw_fd();
-    let end_of_chunk = ((chunk + 1) * CHUNK).min(len);
-    let mut h = ChunkHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = chunk * CHUNK;
-    while pos < end_of_chunk {
-        let Ok(at) = i64::try_from(pos) else { break };
-        // SAFETY: lseek on a valid fd this function owns; no memory is passed.
+    let base = chunk.saturating_mul(CHUNK);
+    let n = CHUNK.min(len.saturating_sub(base));
+    let out = usize::try_from(n)
+        .ok()
+        .and_then(|n| buf.get_mut(..n))
+        .ok_or_else(|| std::io::Error::other("chunk buffer too small"))?;
+    let end = base + n;
+    let fd = file.as_raw_fd();
+    let page = PAGE as u64;
+    let mut pos = base;
+    while pos < end {
+        let at = i64::try_from(pos).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on a valid fd the caller holds; no memory is passed.
         let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
+        let data = if data < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data past `pos`
+            if e.raw_os_error() != Some(libc::ENXIO) {
+                return Err(e);
             }
-            return Err(io(path)(e));
+            end // no data past `pos`
+        } else {
+            // Whole pages: an extent boundary inside a page reads that page.
+            ((data as u64) / page * page).clamp(pos, end)
+        };
+        let zeros = out
+            .get_mut((pos - base) as usize..(data - base) as usize)
+            .unwrap_or_default();
+        zeros.fill(0);
+        if data >= end {
+            break;
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
         if hole < 0 {
-            return Err(io(path)(std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
-        // Whole pages: an extent boundary inside a page hashes that page once.
-        let start = (data as u64) / PAGE as u64 * PAGE as u64;
-        let end = (hole as u64).min(end_of_chunk);
-        let mut off = start.max(pos);
-        while off < end {
-            let want = usize::try_from((end - off).min(buf.len() as u64)).unwrap_or(buf.len());
-            let want = want.div_ceil(PAGE) * PAGE;
-            let chunk_buf = buf.get_mut(..want).unwrap_or_default();
-            let mut got = 0;
-            while got < chunk_buf.len() {
-                let n = f
-                    .read_at(
-                        chunk_buf.get_mut(got..).unwrap_or_default(),
-                        off + got as u64,
-                    )
-                    .map_err(io(path))?;
-                if n == 0 {
-                    break;
-                }
-                got += n;
+        let hole = (hole as u64)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .clamp(data + 1, end);
+        let dst = out
+            .get_mut((data - base) as usize..(hole - base) as usize)
+            .unwrap_or_default();
+        let mut got = 0;
+        while got < dst.len() {
+            match file.read_at(dst.get_mut(got..).unwrap_or_default(), data + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            chunk_buf.get_mut(got..).unwrap_or_default().fill(0);
-            feed_pages(&mut h, off / PAGE as u64, chunk_buf);
-            off += want as u64;
         }
-        pos = off.max(end);
+        dst.get_mut(got..).unwrap_or_default().fill(0);
+        pos = hole;
     }
+    let mut h = ChunkHasher::new();
+    feed_pages(&mut h, base / page, out);
     Ok(h.finish())
 }
 
@@ -318,7 +361,7 @@ type ChunkDigests = Vec<(u64, [u8; 32])>;
 /// The [`PartKind::Pages`] checksum and length of a file, its chunks hashed on every core.
 pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
     let len = std::fs::metadata(path).map_err(io(path))?.len();
-    let chunks = len.div_ceil(CHUNK).max(1);
+    let chunks = chunk_count(len);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(chunks as usize)
@@ -329,13 +372,15 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(move || {
+                    let f = File::open(path).map_err(io(path))?;
+                    let mut buf = vec![0u8; CHUNK as usize];
                     let mut mine = Vec::new();
                     loop {
                         let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if c >= chunks {
                             return Ok(mine);
                         }
-                        mine.push((c, hash_chunk(path, len, c)?));
+                        mine.push((c, read_chunk(&f, len, c, &mut buf).map_err(io(path))?));
                     }
                 })
             })
@@ -348,8 +393,7 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
             })
             .collect()
     });
-    let empty = ChunkHasher::new().finish();
-    let mut all = vec![empty; chunks as usize];
+    let mut all = vec![empty_chunk_digest(); chunks as usize];
     for part in digests {
         for (c, d) in part? {
             if let Some(slot) = all.get_mut(c as usize) {
@@ -357,11 +401,7 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
             }
         }
     }
-    let mut top = blake3::Hasher::new();
-    for d in &all {
-        top.update(d);
-    }
-    Ok((hex(top.finalize().as_bytes()), len))
+    Ok((pages_digest(&all), len))
 }
 
 fn mac(key: &[u8], body: &[u8]) -> Result<HmacSha256> {

@@ -25,6 +25,9 @@ pub enum ExitReason {
         error: String,
         state: String,
     },
+    /// The memory of the snapshot the VM was restored from failed its check when it was
+    /// first used (or by the checker beside the guest): the VM cannot go on.
+    SnapshotMemory { error: String },
 }
 
 impl ExitReason {
@@ -38,6 +41,8 @@ impl ExitReason {
             | ExitReason::ConsoleEscape => 0,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::GuestCrash | ExitReason::VcpuFailed { .. } => 1,
+            // A bad snapshot, as when `keel restore` refuses one up front.
+            ExitReason::SnapshotMemory { .. } => 2,
         }
     }
 
@@ -51,6 +56,7 @@ impl ExitReason {
             ExitReason::Signal(n) => format!("stopped by {}", signal_name(*n)),
             ExitReason::ConsoleEscape => "stopped from the console (Ctrl-A x)".into(),
             ExitReason::VcpuFailed { vcpu, error, .. } => format!("vCPU {vcpu} failed: {error}"),
+            ExitReason::SnapshotMemory { error } => format!("stopped: {error}"),
         }
     }
 }

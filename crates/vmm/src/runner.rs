@@ -261,7 +261,7 @@ fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
 impl Vmm {
     /// Runs the VM until the guest powers off or resets, a vCPU fails, or a stop is
     /// requested. Console input is fed on the calling thread.
-    pub fn run(self) -> Result<Outcome, VmmError> {
+    pub fn run(mut self) -> Result<Outcome, VmmError> {
         keel_hypervisor::install_kick_handler()?;
         let start = Instant::now();
         let seccomp = self.config.seccomp;
@@ -271,6 +271,16 @@ impl Vmm {
             keel_seccomp::apply(keel_seccomp::ThreadKind::Vmm)?;
             tracing::debug!("seccomp: filters installed (vmm thread)");
         }
+        // A restored VM's memory pager: first, and dropped (stopped) last, after every
+        // thread that may touch guest memory.
+        let _pager = match self.lazy_memory.take() {
+            Some(lazy) => Some(crate::snapshot::lazy::PagerThreads::start(
+                lazy,
+                self.shared.stop.clone(),
+                seccomp,
+            )?),
+            None => None,
+        };
         let Vmm {
             vcpus,
             vm,

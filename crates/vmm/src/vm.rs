@@ -98,6 +98,8 @@ pub struct Vmm {
     /// For a VM restored from a snapshot: the files it uses instead of a kernel, initrd and
     /// disks (path, writable).
     pub(crate) restored_files: Vec<(PathBuf, bool)>,
+    /// For a VM restored from a snapshot: its memory, served on first use by the pager.
+    pub(crate) lazy_memory: Option<Arc<crate::snapshot::lazy::LazyMemory>>,
     /// Left (and removed) when the VMM is dropped.
     pub(crate) _cgroup: Option<keel_cgroup::VmCgroup>,
     pub(crate) console_in: Option<OwnedFd>,
@@ -393,6 +395,7 @@ impl Assembly {
                 devices: pci.virtio.clone(),
                 disks: std::mem::take(&mut pci.disks),
                 disk_info: disk_info.clone(),
+                lazy: None,
             });
         Vmm {
             config: self.config,
@@ -410,6 +413,7 @@ impl Assembly {
             snapshotter,
             disk_info,
             restored_files: Vec::new(),
+            lazy_memory: None,
             _cgroup: cgroup,
             console_in: self.console_in,
             console_escape: self.console_escape,

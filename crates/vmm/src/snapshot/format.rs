@@ -34,6 +34,10 @@ pub struct SavedVm {
     /// The PCI functions after the host bridge, in slot order.
     pub devices: Vec<keel_virtio::VirtioPciState>,
     pub serial: keel_devices::serial::SerialSnapshot,
+    /// The digest of each chunk of the memory part (hex, `keel_snapshot::CHUNK` bytes each),
+    /// which together make the part's digest: a restore checks each chunk as the guest
+    /// first uses it.
+    pub memory_chunks: Vec<String>,
 }
 
 /// The disks of a snapshot.
@@ -92,12 +96,34 @@ pub fn parse_state(bytes: &[u8]) -> Result<SavedVm, String> {
     if saved.devices.len() > MAX_DEVICES || c.disks.len() > MAX_DEVICES {
         return Err(format!("{STATE_PART}: {} devices", saved.devices.len()));
     }
+    memory_chunks(&saved)?;
     if saved.serial.in_buffer.len() > 64 {
         return Err(format!(
             "{STATE_PART}: the serial port holds more than its FIFO"
         ));
     }
     Ok(saved)
+}
+
+/// The memory part's chunk digests, checked against the memory size.
+pub fn memory_chunks(saved: &SavedVm) -> Result<Vec<[u8; 32]>, String> {
+    let want = keel_snapshot::chunk_count(super::memory::file_size(saved.config.memory));
+    if saved.memory_chunks.len() as u64 != want {
+        return Err(format!(
+            "{STATE_PART}: {} memory chunk digests for a memory part of {want} chunks",
+            saved.memory_chunks.len()
+        ));
+    }
+    saved
+        .memory_chunks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            keel_snapshot::parse_digest(d).ok_or_else(|| {
+                format!("{STATE_PART}: memory chunk digest {i} is not 64 hex digits")
+            })
+        })
+        .collect()
 }
 
 /// Parses and checks the disks part against the machine (`disks` configured disks) and the

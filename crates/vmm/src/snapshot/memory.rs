@@ -1,18 +1,17 @@
 //! Guest memory in a snapshot: one file holding every range of `layout::ram_ranges` back to
-//! back, with holes for pages that are zero; restored by mapping that file privately, so a
-//! page is read only when the guest (or a device) first touches it and a write copies it.
+//! back, with holes for pages that are zero. A restore maps nothing of it up front: the
+//! pager (`super::lazy`) copies each chunk in, checked, when the guest first touches it.
 
+use super::lazy::LazyMemory;
 use crate::memory::GuestRam;
 use keel_arch::layout;
-use keel_snapshot::{PageHasher, PAGE};
+use keel_snapshot::{PageHasher, CHUNK, PAGE};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress,
+    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
 };
 
 /// What saving guest memory produced.
@@ -20,6 +19,8 @@ use vm_memory::{
 pub(crate) struct SavedMemory {
     /// `PartKind::Pages` checksum.
     pub digest: String,
+    /// The digest of each chunk (what a restore checks each chunk against).
+    pub chunks: Vec<[u8; 32]>,
     /// File length: the VM's memory size (ROM included).
     pub size: u64,
     /// Bytes actually written (non-zero pages).
@@ -32,8 +33,7 @@ pub(crate) fn file_size(memory: u64) -> u64 {
 }
 
 /// Pages the save must look at in one region: those the process has (present or swapped,
-/// from `/proc/self/pagemap`) plus, for a region mapped from a file, the file's data
-/// extents. Without a pagemap, every page.
+/// from `/proc/self/pagemap`). Without a pagemap, every page.
 fn candidates(
     region: &GuestRegionMmap,
     host: *mut u8,
@@ -62,58 +62,43 @@ fn candidates(
         }
         i += n;
     }
-    if let Some(fo) = region.file_offset() {
-        mark_data_extents(fo.file(), fo.start(), region.len(), &mut want)?;
-    }
     Ok(want)
 }
 
-/// Marks the pages of `file[start..start+len]` that hold data.
-fn mark_data_extents(file: &File, start: u64, len: u64, want: &mut [bool]) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    let end = start + len;
-    let mut pos = start;
-    while pos < end {
-        let Ok(at) = i64::try_from(pos) else { break };
-        // SAFETY: lseek on a valid fd; no memory is passed.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            // No SEEK_DATA support: every page may hold data.
-            want.fill(true);
-            return Ok(());
+/// Where a restored VM's chunks not used yet are: still in the memory part it came from.
+struct FromPart<'a> {
+    lazy: &'a LazyMemory,
+    unloaded: Vec<bool>,
+    buf: Vec<u8>,
+    /// The chunk `buf` holds.
+    held: Option<u64>,
+}
+
+impl FromPart<'_> {
+    /// The page at `offset` of the part, if its chunk was never loaded (read and checked).
+    fn page(&mut self, offset: u64) -> std::io::Result<Option<&[u8]>> {
+        let chunk = offset / CHUNK;
+        if !self.unloaded.get(chunk as usize).copied().unwrap_or(false) {
+            return Ok(None);
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            want.fill(true);
-            return Ok(());
+        if self.held != Some(chunk) {
+            self.held = None;
+            self.lazy.read_checked(chunk, &mut self.buf)?;
+            self.held = Some(chunk);
         }
-        let (data, hole) = (data as u64, (hole as u64).min(end));
-        if data >= end {
-            break;
-        }
-        let first = (data - start) / PAGE as u64;
-        let last = (hole - start).div_ceil(PAGE as u64);
-        for p in first..last {
-            if let Some(w) = want.get_mut(p as usize) {
-                *w = true;
-            }
-        }
-        pos = hole.max(data + 1);
+        let at = (offset - chunk * CHUNK) as usize;
+        Ok(self.buf.get(at..at + PAGE))
     }
-    Ok(())
 }
 
 /// Writes guest memory to `out` (which becomes `file_size` long, with holes for zero pages).
-/// The guest and the devices must not be running.
+/// The guest and the devices must not be running. For a restored VM, `lazy` holds the chunks
+/// the guest never used: they are copied from the part it came from, checked again.
 pub(crate) fn save(
     mem: &GuestMemoryMmap,
     out: &File,
     pagemap: Option<&File>,
+    lazy: Option<&LazyMemory>,
 ) -> std::io::Result<SavedMemory> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     out.set_len(0)?;
@@ -122,6 +107,12 @@ pub(crate) fn save(
     let mut data_bytes = 0u64;
     let mut base = 0u64;
     let mut page = vec![0u8; PAGE];
+    let mut from_part = lazy.map(|lazy| FromPart {
+        lazy,
+        unloaded: lazy.unloaded(),
+        buf: vec![0; CHUNK as usize],
+        held: None,
+    });
     // A run of consecutive non-zero pages, written with one pwrite.
     let mut run: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut run_at = 0u64;
@@ -139,23 +130,33 @@ pub(crate) fn save(
         let want = candidates(region, host, pagemap)?;
         for (i, w) in want.iter().enumerate() {
             let off = base + (i * PAGE) as u64;
-            if !*w {
+            let stored = match from_part.as_mut() {
+                Some(f) => f.page(off)?,
+                None => None,
+            };
+            let bytes: &[u8] = match stored {
+                Some(p) => p,
+                None if *w => {
+                    region
+                        .read_slice(&mut page, MemoryRegionAddress((i * PAGE) as u64))
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    &page
+                }
+                None => {
+                    flush(&mut run, run_at)?;
+                    continue;
+                }
+            };
+            if keel_snapshot::is_zero_page(bytes) {
                 flush(&mut run, run_at)?;
                 continue;
             }
-            region
-                .read_slice(&mut page, MemoryRegionAddress((i * PAGE) as u64))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if keel_snapshot::is_zero_page(&page) {
-                flush(&mut run, run_at)?;
-                continue;
-            }
-            hasher.page(off / PAGE as u64, &page);
+            hasher.page(off / PAGE as u64, bytes);
             data_bytes += PAGE as u64;
             if run.is_empty() {
                 run_at = off;
             }
-            run.extend_from_slice(&page);
+            run.extend_from_slice(bytes);
             if run.len() >= 1 << 20 {
                 flush(&mut run, run_at)?;
             }
@@ -164,16 +165,22 @@ pub(crate) fn save(
         base += region.len();
     }
     out.sync_all()?;
+    let (digest, chunks) = hasher.finish_chunks();
     Ok(SavedMemory {
-        digest: hasher.finish(),
+        digest,
+        chunks,
         size: total,
         data_bytes,
     })
 }
 
-/// Guest memory of `size` bytes mapped privately from a snapshot's memory `file`: nothing
-/// is read now; the guest's first touch of a page reads it, its first write copies it.
-pub(crate) fn map(size: u64, file: &File) -> Result<GuestRam, String> {
+/// Guest memory of `size` bytes to be filled from a snapshot's memory `file` on first use,
+/// each chunk checked against `chunks`. Faults wait until the pager serves them.
+pub(crate) fn restore(
+    size: u64,
+    file: &File,
+    chunks: Vec<[u8; 32]>,
+) -> Result<(GuestRam, Arc<LazyMemory>), String> {
     let expected = file_size(size);
     let actual = file.metadata().map_err(|e| e.to_string())?.len();
     if actual != expected {
@@ -181,123 +188,8 @@ pub(crate) fn map(size: u64, file: &File) -> Result<GuestRam, String> {
             "the memory file is {actual} bytes; a VM of {size} bytes needs {expected}"
         ));
     }
-    let file = Arc::new(file.try_clone().map_err(|e| e.to_string())?);
-    let mut all = Vec::new();
-    let mut writable = Vec::new();
-    let mut offset = 0u64;
-    for r in layout::ram_ranges(size) {
-        let len = usize::try_from(r.size).map_err(|e| e.to_string())?;
-        let mapping = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.start))
-            .map(Arc::new)
-            .ok_or_else(|| format!("guest range {:#x}+{:#x} overflows", r.start, r.size))?;
-        if !r.read_only {
-            writable.push(region.clone());
-        }
-        all.push(region);
-        offset += r.size;
-    }
-    Ok(GuestRam {
-        all: GuestMemoryMmap::from_arc_regions(all).map_err(|e| e.to_string())?,
-        devices: GuestMemoryMmap::from_arc_regions(writable).map_err(|e| e.to_string())?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tmp(tag: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("keel-mem-{tag}-{}", std::process::id()))
-    }
-
-    #[test]
-    fn saved_memory_maps_back_lazily_and_privately() {
-        let size = 64 << 20;
-        let ram = crate::memory::allocate(size).unwrap();
-        let marks = [0x1000u64, 0x10_0000, 0x20_0123, size - 8];
-        for a in marks {
-            ram.all.write_obj(a ^ 0x5a5a, GuestAddress(a)).unwrap();
-        }
-        ram.all
-            .write_obj(0xabcdu16, GuestAddress(layout::ROM_START))
-            .unwrap();
-        // A touched page that is zero again is a hole too.
-        ram.all.write_obj(0u64, GuestAddress(0x30_0000)).unwrap();
-        let path = tmp("save");
-        let out = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        let pagemap = File::open("/proc/self/pagemap").ok();
-        let saved = save(&ram.all, &out, pagemap.as_ref()).unwrap();
-        assert_eq!(saved.size, file_size(size));
-        assert_eq!(
-            saved.data_bytes,
-            5 * PAGE as u64,
-            "only the touched non-zero pages"
-        );
-        // The same checksum the snapshot loader computes from the file.
-        assert_eq!(
-            keel_snapshot::hash_pages_file(&path).unwrap().0,
-            saved.digest
-        );
-        // Without a pagemap every page is looked at: same result.
-        let again = save(&ram.all, &out, None).unwrap();
-        assert_eq!(again, saved);
-
-        let restored = map(size, &out).unwrap();
-        for a in marks {
-            assert_eq!(
-                restored.all.read_obj::<u64>(GuestAddress(a)).unwrap(),
-                a ^ 0x5a5a
-            );
-        }
-        assert_eq!(
-            restored
-                .all
-                .read_obj::<u16>(GuestAddress(layout::ROM_START))
-                .unwrap(),
-            0xabcd
-        );
-        assert!(restored
-            .devices
-            .read_obj::<u16>(GuestAddress(layout::ROM_START))
-            .is_err());
-        // Writes stay private to the VM: the file keeps the snapshot.
-        restored.all.write_obj(7u64, GuestAddress(0x1000)).unwrap();
-        let before = std::fs::read(&path).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(before[0x1000..0x1008].try_into().unwrap()),
-            0x1000 ^ 0x5a5a
-        );
-        // Saving a restored VM sees both its own writes and the pages it never touched.
-        let path2 = tmp("save2");
-        let out2 = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path2)
-            .unwrap();
-        save(&restored.all, &out2, pagemap.as_ref()).unwrap();
-        let after = map(size, &out2).unwrap();
-        assert_eq!(after.all.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 7);
-        assert_eq!(
-            after.all.read_obj::<u64>(GuestAddress(size - 8)).unwrap(),
-            (size - 8) ^ 0x5a5a
-        );
-        // A memory file of the wrong size is refused.
-        assert!(map(size * 2, &out).err().unwrap().contains("needs"));
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(&path2);
-    }
+    let ram = crate::memory::allocate(size)?;
+    let file = file.try_clone().map_err(|e| e.to_string())?;
+    let lazy = LazyMemory::new(file, &ram, chunks)?;
+    Ok((ram, lazy))
 }

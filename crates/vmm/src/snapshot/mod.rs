@@ -8,6 +8,7 @@
 //! again. The client (`keel snapshot`) writes the manifest.
 
 pub mod format;
+pub(crate) mod lazy;
 pub(crate) mod memory;
 mod restore;
 
@@ -133,6 +134,8 @@ pub(crate) struct Snapshotter {
     pub disks: Vec<DiskSlot>,
     /// What `info` reports about the disks.
     pub disk_info: Arc<Mutex<Vec<DiskInfo>>>,
+    /// A restored VM's memory pager: chunks the guest never used are still in the part.
+    pub lazy: Option<Arc<lazy::LazyMemory>>,
 }
 
 fn fd_identity(fd: RawFd) -> std::io::Result<FileIdentity> {
@@ -242,6 +245,13 @@ impl Snapshotter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save_state();
+        let mem = memory::save(
+            &sh.mem,
+            &memory_file,
+            self.pagemap.as_ref(),
+            self.lazy.as_deref(),
+        )
+        .map_err(|e| format!("writing guest memory: {e}"))?;
         let saved = SavedVm {
             config: self.config.clone(),
             host_kind: self.host_kind.clone(),
@@ -250,16 +260,14 @@ impl Snapshotter {
             vm: vm_state,
             devices,
             serial,
+            memory_chunks: mem.chunks.iter().map(keel_snapshot::digest_hex).collect(),
         };
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
-        let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
         state_file
             .set_len(0)
             .and_then(|()| state_file.write_all(&state))
             .and_then(|()| state_file.sync_all())
-            .map_err(io("writing the state part"))?;
-        let mem = memory::save(&sh.mem, &memory_file, self.pagemap.as_ref())
-            .map_err(io("writing guest memory"))?;
+            .map_err(|e| format!("writing the state part: {e}"))?;
         let parts = vec![
             Part {
                 name: MEMORY_PART.into(),

@@ -133,7 +133,7 @@ impl Vmm {
             .map(|(i, c)| open_chain(i, c))
             .collect::<Result<Vec<_>, _>>()?;
         let cgroup = join_cgroup(&config)?;
-        let (hv, mut vm) = create_vm(&config)?;
+        let (hv, vm) = create_vm(&config)?;
         let host = hv.host_info().clone();
         let kind = format!("{:?}", host.kind);
         if kind != saved.host_kind {
@@ -142,7 +142,55 @@ impl Vmm {
                 saved.host_kind
             )));
         }
-        let ram = super::memory::map(config.memory, &memory).map_err(bad)?;
+        let chunks = super::format::memory_chunks(saved).map_err(bad)?;
+        let (ram, lazy) = super::memory::restore(config.memory, &memory, chunks).map_err(bad)?;
+        // Until the VM runs (and its own pager thread starts), a thread of this set-up
+        // serves whatever touches guest memory.
+        let quit = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            VmmError::Io {
+                what: "pager eventfd",
+                source,
+            }
+        })?;
+        let vmm = std::thread::scope(|s| {
+            let pager = std::thread::Builder::new()
+                .name("pager-setup".into())
+                .spawn_scoped(s, || lazy.serve(&quit))
+                .map_err(|source| VmmError::Io {
+                    what: "spawning the memory pager",
+                    source,
+                })?;
+            let built = Self::restore_machine(&spec, hv, vm, config, ram, disks, cgroup, io);
+            let _ = quit.write(1);
+            let _ = pager.join();
+            built
+        })?;
+        if let Some(f) = lazy.failure() {
+            return Err(bad(f));
+        }
+        let mut vmm = vmm;
+        if let Some(s) = vmm.snapshotter.as_mut() {
+            s.lazy = Some(lazy.clone());
+        }
+        vmm.lazy_memory = Some(lazy);
+        vmm.restored_files = spec.files();
+        Ok(vmm)
+    }
+
+    /// The rest of [`Vmm::restore`], with guest memory registered and served.
+    #[allow(clippy::too_many_arguments)]
+    fn restore_machine(
+        spec: &RestoreSpec,
+        hv: keel_hypervisor::Hypervisor,
+        mut vm: keel_hypervisor::Vm,
+        config: crate::VmConfig,
+        ram: crate::memory::GuestRam,
+        disks: Vec<OpenedDisk>,
+        cgroup: Option<keel_cgroup::VmCgroup>,
+        io: VmIo,
+    ) -> Result<Vmm, VmmError> {
+        let saved = &spec.saved;
+        let host = hv.host_info().clone();
         map_guest_memory(&mut vm, &ram, config.memory)?;
         let parts = Assembly::build(&hv, &vm, config, ram, disks, io, Some(&saved.serial))?;
         if parts.pci.virtio.len() != saved.devices.len() {
@@ -188,8 +236,6 @@ impl Vmm {
             cmdline: saved.cmdline.clone(),
             quirks: None,
         };
-        let mut vmm = parts.finish(boot, vm, vcpus, cgroup);
-        vmm.restored_files = spec.files();
-        Ok(vmm)
+        Ok(parts.finish(boot, vm, vcpus, cgroup))
     }
 }
