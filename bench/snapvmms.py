@@ -327,6 +327,21 @@ class Keel:
             res["rss_restore"] = rss_mib(proc.p.pid)
             if info.get("vmm_rss_bytes"):
                 res["rss_restore_api"] = info["vmm_rss_bytes"] / 2**20
+            # Keel's memory arrives on first use; its checker checks the rest beside the
+            # guest. Wait for that (a few seconds at most) and note what had come in by then.
+            while True:
+                pager = (api.call("info").get("result") or {}).get("info", {}).get("memory_pager")
+                if not pager:
+                    break
+                if pager.get("checked_in_us") is not None:
+                    res["t_check"] = pager["checked_in_us"] / 1e6
+                    res["pager_chunks"] = pager["chunks_loaded"]
+                    res["pager_mib"] = pager["bytes_copied"] / 2**20
+                    res["pager_busy"] = pager["busy_us"] / 1e6
+                    break
+                if time.monotonic() > deadline or not proc.alive():
+                    break
+                time.sleep(0.01)
         except (OSError, ValueError, Failed) as e:
             proc.kill()
             raise Failed(str(e))

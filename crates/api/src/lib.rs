@@ -146,6 +146,27 @@ pub struct VmInfo {
     pub state: VmState,
     #[serde(default)]
     pub disks: Vec<DiskInfo>,
+    /// For a VM restored from a snapshot: how much of its memory has come in on first use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_pager: Option<PagerInfo>,
+}
+
+/// The memory pager of a restored VM (its memory arrives, checked, chunk by chunk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagerInfo {
+    /// Page faults served.
+    pub faults: u64,
+    /// Chunks of the snapshot's memory read, checked and copied in on first use.
+    pub chunks_loaded: u64,
+    /// Chunks the snapshot's memory has.
+    pub chunks: u64,
+    /// Bytes of non-zero pages copied into guest memory.
+    pub bytes_copied: u64,
+    /// Time spent serving faults, in microseconds.
+    pub busy_us: u64,
+    /// How long the checker beside the guest took to check every chunk not used yet, in
+    /// microseconds (`None` while it runs).
+    pub checked_in_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -49,6 +49,8 @@ pub(crate) struct Control {
     pub snapshots: Option<Arc<crate::snapshot::Requests>>,
     /// The disks' chains as they are now (updated by each snapshot).
     pub disks: Arc<std::sync::Mutex<Vec<keel_api::DiskInfo>>>,
+    /// A restored VM's memory pager.
+    pub pager: Option<Arc<crate::snapshot::lazy::LazyMemory>>,
 }
 
 impl Control {
@@ -71,6 +73,7 @@ impl Control {
                 info.vmm_rss_bytes = self.statm.as_ref().and_then(rss_bytes).unwrap_or(0);
                 info.state = self.state();
                 info.disks = self.disks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                info.memory_pager = self.pager.as_ref().map(|p| p.stats());
                 Response::ok(Reply::Info(info))
             }
             Request::BalloonSet { target_bytes } => match &self.balloon {

@@ -273,9 +273,10 @@ impl Vmm {
         }
         // A restored VM's memory pager: first, and dropped (stopped) last, after every
         // thread that may touch guest memory.
-        let _pager = match self.lazy_memory.take() {
+        let lazy_memory = self.lazy_memory.take();
+        let _pager = match &lazy_memory {
             Some(lazy) => Some(crate::snapshot::lazy::PagerThreads::start(
-                lazy,
+                lazy.clone(),
                 self.shared.stop.clone(),
                 seccomp,
             )?),
@@ -313,12 +314,14 @@ impl Vmm {
                         vmm_rss_bytes: 0,
                         state: keel_api::VmState::Running,
                         disks: Vec::new(),
+                        memory_pager: None,
                     },
                     balloon: pci.balloon.clone(),
                     statm,
                     shared: shared.clone(),
                     snapshots: snapshotter.as_ref().map(|s| s.requests.clone()),
                     disks: disk_info.clone(),
+                    pager: lazy_memory.clone(),
                 };
                 Some(crate::api::ApiServer::start(
                     l,

@@ -34,21 +34,6 @@ struct Segment {
     len: u64,
 }
 
-/// What the pager did, for the log and `info`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PagerStats {
-    /// Faults served.
-    pub faults: u64,
-    /// Chunks read, checked and copied in on first use.
-    pub chunks_loaded: u64,
-    /// Of the part's chunks.
-    pub chunks: u64,
-    /// Bytes of non-zero pages copied into guest memory.
-    pub bytes_copied: u64,
-    /// Time spent serving faults.
-    pub busy_us: u64,
-}
-
 struct Loader {
     /// By chunk: read, checked and in guest memory (or the VM is stopping).
     loaded: Vec<bool>,
@@ -69,6 +54,8 @@ pub(crate) struct LazyMemory {
     chunks_loaded: AtomicU64,
     bytes_copied: AtomicU64,
     busy_ns: AtomicU64,
+    /// Microseconds the checker took (`u64::MAX` until it finished).
+    checked_in_us: AtomicU64,
 }
 
 impl LazyMemory {
@@ -126,6 +113,7 @@ impl LazyMemory {
             chunks_loaded: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
+            checked_in_us: AtomicU64::new(u64::MAX),
         }))
     }
 
@@ -142,14 +130,16 @@ impl LazyMemory {
         self.failure.get().map(String::as_str)
     }
 
-    pub(crate) fn stats(&self) -> PagerStats {
+    /// What the pager did so far (`info` reports it).
+    pub(crate) fn stats(&self) -> keel_api::PagerInfo {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        PagerStats {
+        keel_api::PagerInfo {
             faults: g(&self.faults),
             chunks_loaded: g(&self.chunks_loaded),
             chunks: self.digests.len() as u64,
             bytes_copied: g(&self.bytes_copied),
             busy_us: g(&self.busy_ns) / 1000,
+            checked_in_us: Some(g(&self.checked_in_us)).filter(|&us| us != u64::MAX),
         }
     }
 
@@ -329,9 +319,14 @@ impl LazyMemory {
                 }
             }
         }
+        let took = t.elapsed();
+        self.checked_in_us.store(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1),
+            Ordering::Relaxed,
+        );
         tracing::info!(
             "snapshot memory checked beside the guest: {checked} unused chunks in {:.1} ms",
-            t.elapsed().as_secs_f64() * 1000.0
+            took.as_secs_f64() * 1000.0
         );
     }
 
