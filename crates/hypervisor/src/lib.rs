@@ -22,7 +22,7 @@ pub use irq::{IrqRouter, MsiMessage, IOAPIC_PINS};
 pub use kick::{install_kick_handler, kick_signal};
 pub use state::{FpuState, VcpuState, VmState};
 pub use vcpu::{InternalErrorInfo, Vcpu, VcpuExit};
-pub use vm::{MemorySlot, Vm};
+pub use vm::{DirtyLog, MemorySlot, Vm};
 
 /// Re-exported so callers can name register and CPUID types without a second dependency.
 pub use kvm_bindings;
