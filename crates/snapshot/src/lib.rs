@@ -293,36 +293,59 @@ pub fn pages_digest(chunks: &[[u8; 32]]) -> String {
 /// rest of the chunk's bytes in `buf` are zeroed. `buf` must hold the chunk: [`CHUNK`]
 /// bytes, or what is left of the file for the last one.
 pub fn read_chunk(file: &File, len: u64, chunk: u64, buf: &mut [u8]) -> std::io::Result<[u8; 32]> {
+    let mut extents = Vec::new();
+    let digest = read_chunk_data(file, len, chunk, buf, &mut extents)?;
+    let n = chunk_len(len, chunk);
+    let mut pos = 0;
+    for r in extents.iter().cloned().chain(std::iter::once(n..n)) {
+        buf.get_mut(pos..r.start).unwrap_or_default().fill(0);
+        pos = r.end;
+    }
+    Ok(digest)
+}
+
+/// The length of chunk `chunk` of a part of `len` bytes.
+fn chunk_len(len: u64, chunk: u64) -> usize {
+    let base = chunk.saturating_mul(CHUNK);
+    usize::try_from(CHUNK.min(len.saturating_sub(base))).unwrap_or(0)
+}
+
+/// Like [`read_chunk`], but leaves the bytes of `buf` outside the chunk's data extents as
+/// they were (they are zeros) and lists those extents (byte ranges of the chunk, whole
+/// pages, in order) in `extents`: for readers that skip what is not data.
+pub fn read_chunk_data(
+    file: &File,
+    len: u64,
+    chunk: u64,
+    buf: &mut [u8],
+    extents: &mut Vec<std::ops::Range<usize>>,
+) -> std::io::Result<[u8; 32]> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
+    extents.clear();
     let base = chunk.saturating_mul(CHUNK);
-    let n = CHUNK.min(len.saturating_sub(base));
-    let out = usize::try_from(n)
-        .ok()
-        .and_then(|n| buf.get_mut(..n))
+    let n = chunk_len(len, chunk);
+    let out = buf
+        .get_mut(..n)
         .ok_or_else(|| std::io::Error::other("chunk buffer too small"))?;
-    let end = base + n;
+    let end = base + n as u64;
     let fd = file.as_raw_fd();
     let page = PAGE as u64;
+    let mut h = ChunkHasher::new();
     let mut pos = base;
     while pos < end {
         let at = i64::try_from(pos).map_err(std::io::Error::other)?;
         // SAFETY: lseek on a valid fd the caller holds; no memory is passed.
         let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        let data = if data < 0 {
+        if data < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENXIO) {
-                return Err(e);
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
             }
-            end // no data past `pos`
-        } else {
-            // Whole pages: an extent boundary inside a page reads that page.
-            ((data as u64) / page * page).clamp(pos, end)
-        };
-        let zeros = out
-            .get_mut((pos - base) as usize..(data - base) as usize)
-            .unwrap_or_default();
-        zeros.fill(0);
+            return Err(e);
+        }
+        // Whole pages: an extent boundary inside a page reads that page.
+        let data = ((data as u64) / page * page).clamp(pos, end);
         if data >= end {
             break;
         }
@@ -335,9 +358,8 @@ pub fn read_chunk(file: &File, len: u64, chunk: u64, buf: &mut [u8]) -> std::io:
             .div_ceil(page)
             .saturating_mul(page)
             .clamp(data + 1, end);
-        let dst = out
-            .get_mut((data - base) as usize..(hole - base) as usize)
-            .unwrap_or_default();
+        let range = (data - base) as usize..(hole - base) as usize;
+        let dst = out.get_mut(range.clone()).unwrap_or_default();
         let mut got = 0;
         while got < dst.len() {
             match file.read_at(dst.get_mut(got..).unwrap_or_default(), data + got as u64) {
@@ -348,10 +370,10 @@ pub fn read_chunk(file: &File, len: u64, chunk: u64, buf: &mut [u8]) -> std::io:
             }
         }
         dst.get_mut(got..).unwrap_or_default().fill(0);
+        feed_pages(&mut h, data / page, dst);
+        extents.push(range);
         pos = hole;
     }
-    let mut h = ChunkHasher::new();
-    feed_pages(&mut h, base / page, out);
     Ok(h.finish())
 }
 
@@ -374,13 +396,15 @@ pub fn hash_pages_file(path: &Path) -> Result<(String, u64)> {
                 s.spawn(move || {
                     let f = File::open(path).map_err(io(path))?;
                     let mut buf = vec![0u8; CHUNK as usize];
+                    let mut extents = Vec::new();
                     let mut mine = Vec::new();
                     loop {
                         let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if c >= chunks {
                             return Ok(mine);
                         }
-                        mine.push((c, read_chunk(&f, len, c, &mut buf).map_err(io(path))?));
+                        let d = read_chunk_data(&f, len, c, &mut buf, &mut extents);
+                        mine.push((c, d.map_err(io(path))?));
                     }
                 })
             })

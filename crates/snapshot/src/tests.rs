@@ -318,3 +318,38 @@ fn page_checksums_over_many_chunks_match_the_writer() {
     f.write_all_at(&[9], len - 1).unwrap();
     assert_ne!(hash_pages_file(&p).unwrap().0, sum);
 }
+
+#[test]
+fn a_chunk_reads_back_checked_with_its_data_extents() {
+    let d = Dir::new("chunks");
+    std::fs::create_dir_all(&d.0).unwrap();
+    let sparse = d.0.join("sparse");
+    let (sum, len) = sparse_memory(&sparse);
+    let f = File::open(&sparse).unwrap();
+    let chunks = chunk_count(len);
+    assert_eq!(chunks, 1);
+    // A dirty buffer: read_chunk zeroes what is not data, read_chunk_data leaves it.
+    let mut buf = vec![0xeeu8; CHUNK as usize];
+    let mut extents = Vec::new();
+    let d1 = read_chunk_data(&f, len, 0, &mut buf, &mut extents).unwrap();
+    assert!(extents.iter().any(|r| r.contains(&(3 * PAGE))));
+    assert!(extents.iter().any(|r| r.contains(&(700 * PAGE))));
+    assert!(extents
+        .iter()
+        .all(|r| r.start % PAGE == 0 && r.end % PAGE == 0 && r.end <= len as usize));
+    assert!(!extents.iter().any(|r| r.contains(&(500 * PAGE))));
+    assert_eq!(buf[500 * PAGE], 0xee, "holes are left alone");
+    let d2 = read_chunk(&f, len, 0, &mut buf).unwrap();
+    assert_eq!(d1, d2);
+    assert_eq!(buf[500 * PAGE], 0);
+    assert_eq!(buf[3 * PAGE], 0x11);
+    assert_eq!(buf[700 * PAGE + 5], 5);
+    assert!(buf[len as usize..].iter().all(|&b| b == 0xee), "nothing past the chunk");
+    // The chunk digests make the part's digest.
+    assert_eq!(pages_digest(&[d1]), sum);
+    // A buffer too small for the chunk is refused, not overrun.
+    let mut small = vec![0u8; PAGE];
+    assert!(read_chunk(&f, len, 0, &mut small).is_err());
+    assert!(digest_hex(&d1).len() == 64 && parse_digest(&digest_hex(&d1)) == Some(d1));
+    assert_eq!(parse_digest("zz"), None);
+}

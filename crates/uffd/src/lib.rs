@@ -280,12 +280,13 @@ impl Uffd {
     }
 
     /// Fills the missing pages of `[dst, dst+len)` with `src` (the same length) and wakes
-    /// whoever waits on them. Pages that are already there (another fault filled them, or
-    /// they were never missing) are left as they are.
-    pub fn copy(&self, dst: u64, src: &[u8]) -> Result<()> {
+    /// whoever waits on them; returns how many bytes it copied. Pages that are already there
+    /// (another fault filled them, or they were never missing) are left as they are.
+    pub fn copy(&self, dst: u64, src: &[u8]) -> Result<u64> {
         let len = src.len() as u64;
         aligned(dst, len)?;
         let mut done = 0u64;
+        let mut copied_total = 0u64;
         while done < len {
             let mut c = UffdioCopy {
                 dst: dst + done,
@@ -299,6 +300,7 @@ impl Uffd {
             // this process, through the kernel; it writes back only `c.copy`.
             let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
             let copied = u64::try_from(c.copy).unwrap_or(0);
+            copied_total += copied;
             if r == 0 {
                 break;
             }
@@ -318,7 +320,8 @@ impl Uffd {
                 }
             }
         }
-        self.wake(dst, len)
+        self.wake(dst, len)?;
+        Ok(copied_total)
     }
 
     /// Maps the zero page at the missing pages of `[dst, dst+len)` and wakes the waiters.

@@ -69,7 +69,7 @@ fn serve(uffd: &Uffd, mem: &Anon, stop: &AtomicBool, faults: &std::sync::Mutex<V
             if off < mem.len as u64 / 2 {
                 let mut p = page.clone();
                 p.fill((off / PAGE) as u8 + 1);
-                uffd.copy(at, &p).unwrap();
+                assert_eq!(uffd.copy(at, &p).unwrap(), PAGE);
             } else {
                 uffd.zeropage(at, PAGE).unwrap();
             }

@@ -26,12 +26,29 @@ use std::time::Instant;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+/// Bytes filled around a fault before the rest of its chunk: the faulting thread goes on
+/// after these.
+const WINDOW: u64 = 16 * PAGE as u64;
+/// The rest of a chunk is filled in batches of this many bytes, with the faults waiting on
+/// the chunk served in between.
+const BATCH: u64 = 64 * PAGE as u64;
+
+/// The host range of the [`WINDOW`] holding `page`, inside the chunk piece that holds it.
+fn window(page: u64, pieces: &[(u64, usize, u64)]) -> Option<(u64, u64)> {
+    let &(host, _, len) = pieces
+        .iter()
+        .find(|(h, _, l)| (*h..*h + *l).contains(&page))?;
+    let a = (page - page % WINDOW).max(host);
+    Some((a, (a + WINDOW).min(host + len)))
+}
+
 /// One guest RAM range: where the VMM maps it and where it sits in the memory part.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
     host: u64,
     file: u64,
     len: u64,
+    gpa: u64,
 }
 
 struct Loader {
@@ -78,6 +95,7 @@ impl LazyMemory {
                 host,
                 file: offset,
                 len: region.len(),
+                gpa: region.start_addr().0,
             });
             offset += region.len();
         }
@@ -164,6 +182,16 @@ impl LazyMemory {
     /// Serves faults until `quit` is readable. Whoever touches guest memory must be done
     /// before `quit` is written (a fault after it waits until the descriptor is closed).
     pub(crate) fn serve(&self, quit: &EventFd) {
+        // The chunk buffer's pages, faulted in before the first fault needs them (on a
+        // nested host a fresh page costs microseconds: a 4 MiB buffer, milliseconds).
+        {
+            let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
+            for p in loader.buf.chunks_mut(PAGE) {
+                // SAFETY: a volatile write of one byte inside the buffer, so the compiler
+                // keeps the touch of a page that already holds zeros.
+                unsafe { std::ptr::write_volatile(p.as_mut_ptr(), 0) };
+            }
+        }
         loop {
             match self.uffd.wait(Some(quit.as_raw_fd()), -1) {
                 Ok(true) => return,
@@ -189,6 +217,14 @@ impl LazyMemory {
     }
 
     fn handle(&self, fault: Fault) {
+        // Faults met while a chunk was being filled, on other chunks.
+        let mut later = vec![fault];
+        while let Some(f) = later.pop() {
+            self.handle_one(f, &mut later);
+        }
+    }
+
+    fn handle_one(&self, fault: Fault, later: &mut Vec<Fault>) {
         let t = Instant::now();
         self.faults.fetch_add(1, Ordering::Relaxed);
         let page = fault.address & !(PAGE as u64 - 1);
@@ -207,7 +243,7 @@ impl LazyMemory {
                 .uffd
                 .zeropage(page, PAGE as u64)
                 .map_err(|e| e.to_string()),
-            Some(false) => self.load(&mut loader, chunk),
+            Some(false) => self.load(&mut loader, chunk, page, later),
         };
         drop(loader);
         if let Err(e) = result {
@@ -216,6 +252,18 @@ impl LazyMemory {
         }
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let gpa = self
+                .segments
+                .iter()
+                .find(|s| (s.host..s.host + s.len).contains(&page))
+                .map_or(0, |s| s.gpa + (page - s.host));
+            tracing::debug!(
+                "memory pager: {} fault at {gpa:#x} (chunk {chunk}) served in {} us",
+                if fault.write { "write" } else { "read" },
+                ns / 1000
+            );
+        }
     }
 
     /// The pieces of chunk `chunk` in guest memory: (host address, offset in the chunk, length).
@@ -232,8 +280,17 @@ impl LazyMemory {
             .collect()
     }
 
-    /// Reads, checks and copies in chunk `chunk` (the loader is held).
-    fn load(&self, loader: &mut Loader, chunk: u64) -> Result<(), String> {
+    /// Reads and checks chunk `chunk`, then copies it in (the loader is held): first the
+    /// [`WINDOW`] around `page`, which lets the faulting thread go on, then the rest in
+    /// [`BATCH`]es, serving faults on this chunk in between (its checked bytes are at hand)
+    /// and keeping faults on other chunks in `later`.
+    fn load(
+        &self,
+        loader: &mut Loader,
+        chunk: u64,
+        page: u64,
+        later: &mut Vec<Fault>,
+    ) -> Result<(), String> {
         let Loader { loaded, buf } = loader;
         if let Some(l) = loaded.get_mut(chunk as usize) {
             *l = true;
@@ -243,30 +300,90 @@ impl LazyMemory {
             Ok(d) => self.digests.get(chunk as usize) == Some(d),
             Err(_) => false,
         };
+        let pieces = self.pieces(chunk);
         if !good {
             self.fail(match digest {
                 Err(e) => format!("cannot read snapshot memory chunk {chunk}: {e}"),
                 Ok(_) => self.corrupted(chunk),
             });
             // The waiting thread goes on (on zeros) while the VM stops.
-            for (host, _, len) in self.pieces(chunk) {
+            for (host, _, len) in pieces {
                 self.uffd.zeropage(host, len).map_err(|e| e.to_string())?;
             }
             return Ok(());
         }
         self.chunks_loaded.fetch_add(1, Ordering::Relaxed);
-        for (host, at, len) in self.pieces(chunk) {
+        let first = window(page, &pieces);
+        if let Some((a, b)) = first {
+            self.fill_range(buf, &pieces, a, b)?;
+        }
+        for &(host, _, len) in &pieces {
+            let mut a = host;
+            while a < host + len {
+                let b = (a + BATCH).min(host + len);
+                // What the first window did not fill.
+                match first {
+                    Some((wa, wb)) if wa < b && a < wb => {
+                        self.fill_range(buf, &pieces, a, wa.max(a))?;
+                        self.fill_range(buf, &pieces, wb.min(b), b)?;
+                    }
+                    _ => self.fill_range(buf, &pieces, a, b)?,
+                }
+                self.serve_during(chunk, buf, &pieces, later)?;
+                a = b;
+            }
+        }
+        Ok(())
+    }
+
+    /// While chunk `chunk` (checked, in `buf`) is being copied in: serves the faults waiting
+    /// on it at once, and keeps the others for later.
+    fn serve_during(
+        &self,
+        chunk: u64,
+        buf: &[u8],
+        pieces: &[(u64, usize, u64)],
+        later: &mut Vec<Fault>,
+    ) -> Result<(), String> {
+        while let Some(f) = self.uffd.next_fault().map_err(|e| e.to_string())? {
+            let page = f.address & !(PAGE as u64 - 1);
+            if self.locate(page).map(|o| o / CHUNK) != Some(chunk) {
+                later.push(f);
+                continue;
+            }
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if let Some((a, b)) = window(page, pieces) {
+                self.fill_range(buf, pieces, a, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies host range `[from, to)` of a chunk in from its checked bytes `buf`: runs of
+    /// non-zero pages by copy, runs of zero pages as the zero page. Pages already there stay.
+    fn fill_range(
+        &self,
+        buf: &[u8],
+        pieces: &[(u64, usize, u64)],
+        from: u64,
+        to: u64,
+    ) -> Result<(), String> {
+        for &(host, at, len) in pieces {
+            let (a, b) = (from.max(host), to.min(host + len));
+            if a >= b {
+                continue;
+            }
+            let lo = at + (a - host) as usize;
             let bytes = buf
-                .get(at..at + len as usize)
-                .ok_or_else(|| format!("chunk {chunk}: piece outside the buffer"))?;
-            // Runs of non-zero pages are copied in, runs of zero pages get the zero page.
+                .get(lo..lo + (b - a) as usize)
+                .ok_or_else(|| format!("host range {a:#x}..{b:#x} outside its chunk"))?;
             let mut run_start = 0usize;
             let mut run_zero = None;
             for (i, p) in bytes.chunks(PAGE).enumerate() {
                 let zero = keel_snapshot::is_zero_page(p);
                 match run_zero {
                     Some(z) if z != zero => {
-                        self.fill(host, bytes, run_start, i * PAGE, z)?;
+                        self.fill(a, bytes, run_start, i * PAGE, z)?;
                         run_start = i * PAGE;
                     }
                     _ => {}
@@ -274,7 +391,7 @@ impl LazyMemory {
                 run_zero = Some(zero);
             }
             if let Some(z) = run_zero {
-                self.fill(host, bytes, run_start, bytes.len(), z)?;
+                self.fill(a, bytes, run_start, bytes.len(), z)?;
             }
         }
         Ok(())
@@ -292,9 +409,10 @@ impl LazyMemory {
         if zero {
             self.uffd.zeropage(dst, (to - from) as u64)
         } else {
-            self.bytes_copied
-                .fetch_add((to - from) as u64, Ordering::Relaxed);
-            self.uffd.copy(dst, bytes.get(from..to).unwrap_or_default())
+            let src = bytes.get(from..to).unwrap_or_default();
+            self.uffd.copy(dst, src).map(|n| {
+                self.bytes_copied.fetch_add(n, Ordering::Relaxed);
+            })
         }
         .map_err(|e| e.to_string())
     }
@@ -303,6 +421,7 @@ impl LazyMemory {
     pub(crate) fn check_unused(&self, quit: &AtomicBool) {
         let t = Instant::now();
         let mut buf = vec![0u8; CHUNK as usize];
+        let mut extents = Vec::new();
         let mut checked = 0u64;
         for chunk in 0..self.digests.len() as u64 {
             if quit.load(Ordering::Relaxed) || self.failure.get().is_some() {
@@ -311,7 +430,13 @@ impl LazyMemory {
             if self.is_loaded(chunk) {
                 continue;
             }
-            match read_chunk(&self.file, self.len, chunk, &mut buf) {
+            match keel_snapshot::read_chunk_data(
+                &self.file,
+                self.len,
+                chunk,
+                &mut buf,
+                &mut extents,
+            ) {
                 Ok(d) if self.digests.get(chunk as usize) == Some(&d) => checked += 1,
                 Ok(_) => return self.fail(self.corrupted(chunk)),
                 Err(e) => {
@@ -343,9 +468,15 @@ impl LazyMemory {
     }
 
     /// Reads chunk `chunk` of the part into `buf` and checks it (for a snapshot of the VM:
-    /// what it copies from the part must be what this VM was restored from).
-    pub(crate) fn read_checked(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let d = read_chunk(&self.file, self.len, chunk, buf)?;
+    /// what it copies from the part must be what this VM was restored from). Only the
+    /// bytes in `extents` (the chunk's data) are read; the rest are zeros.
+    pub(crate) fn read_checked(
+        &self,
+        chunk: u64,
+        buf: &mut [u8],
+        extents: &mut Vec<std::ops::Range<usize>>,
+    ) -> std::io::Result<()> {
+        let d = keel_snapshot::read_chunk_data(&self.file, self.len, chunk, buf, extents)?;
         if self.digests.get(chunk as usize) != Some(&d) {
             return Err(std::io::Error::other(self.corrupted(chunk)));
         }

@@ -70,24 +70,42 @@ struct FromPart<'a> {
     lazy: &'a LazyMemory,
     unloaded: Vec<bool>,
     buf: Vec<u8>,
-    /// The chunk `buf` holds.
+    /// The data extents of the chunk `buf` holds (byte ranges in it, in order).
+    extents: Vec<std::ops::Range<usize>>,
     held: Option<u64>,
+}
+
+/// A page of a restored VM as a snapshot of it sees it.
+enum Stored<'a> {
+    /// In guest memory (its chunk was loaded).
+    InGuest,
+    /// In the part, and zero (a hole).
+    Zero,
+    /// In the part: these bytes (checked).
+    Data(&'a [u8]),
 }
 
 impl FromPart<'_> {
     /// The page at `offset` of the part, if its chunk was never loaded (read and checked).
-    fn page(&mut self, offset: u64) -> std::io::Result<Option<&[u8]>> {
+    fn page(&mut self, offset: u64) -> std::io::Result<Stored<'_>> {
         let chunk = offset / CHUNK;
         if !self.unloaded.get(chunk as usize).copied().unwrap_or(false) {
-            return Ok(None);
+            return Ok(Stored::InGuest);
         }
         if self.held != Some(chunk) {
             self.held = None;
-            self.lazy.read_checked(chunk, &mut self.buf)?;
+            self.lazy
+                .read_checked(chunk, &mut self.buf, &mut self.extents)?;
             self.held = Some(chunk);
         }
         let at = (offset - chunk * CHUNK) as usize;
-        Ok(self.buf.get(at..at + PAGE))
+        if !self.extents.iter().any(|r| r.contains(&at)) {
+            return Ok(Stored::Zero);
+        }
+        Ok(self
+            .buf
+            .get(at..at + PAGE)
+            .map_or(Stored::Zero, Stored::Data))
     }
 }
 
@@ -111,6 +129,7 @@ pub(crate) fn save(
         lazy,
         unloaded: lazy.unloaded(),
         buf: vec![0; CHUNK as usize],
+        extents: Vec::new(),
         held: None,
     });
     // A run of consecutive non-zero pages, written with one pwrite.
@@ -132,17 +151,21 @@ pub(crate) fn save(
             let off = base + (i * PAGE) as u64;
             let stored = match from_part.as_mut() {
                 Some(f) => f.page(off)?,
-                None => None,
+                None => Stored::InGuest,
             };
             let bytes: &[u8] = match stored {
-                Some(p) => p,
-                None if *w => {
+                Stored::Data(p) => p,
+                Stored::Zero => {
+                    flush(&mut run, run_at)?;
+                    continue;
+                }
+                Stored::InGuest if *w => {
                     region
                         .read_slice(&mut page, MemoryRegionAddress((i * PAGE) as u64))
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                     &page
                 }
-                None => {
+                Stored::InGuest => {
                     flush(&mut run, run_at)?;
                     continue;
                 }
