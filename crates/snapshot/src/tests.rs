@@ -344,7 +344,10 @@ fn a_chunk_reads_back_checked_with_its_data_extents() {
     assert_eq!(buf[500 * PAGE], 0);
     assert_eq!(buf[3 * PAGE], 0x11);
     assert_eq!(buf[700 * PAGE + 5], 5);
-    assert!(buf[len as usize..].iter().all(|&b| b == 0xee), "nothing past the chunk");
+    assert!(
+        buf[len as usize..].iter().all(|&b| b == 0xee),
+        "nothing past the chunk"
+    );
     // The chunk digests make the part's digest.
     assert_eq!(pages_digest(&[d1]), sum);
     // A buffer too small for the chunk is refused, not overrun.

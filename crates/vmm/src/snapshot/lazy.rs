@@ -3,15 +3,20 @@
 //! A restored VM's RAM is fresh anonymous memory registered with userfaultfd: nothing of the
 //! snapshot's memory part is read when the VM starts. The first touch of a page (by a vCPU
 //! through KVM, a device thread, or the kernel on the VMM's behalf) waits while the pager
-//! thread reads the page's whole chunk (`keel_snapshot::CHUNK`) from the part, checks it
-//! against the chunk digest the snapshot's state lists, and copies its non-zero pages in
-//! (zero pages get the shared zero page). A chunk that does not match stops the VM: no byte
-//! the check did not pass reaches the guest, and the memory file cannot be changed under a
-//! running VM either (each chunk is read once, into the VMM's buffer, and checked there).
+//! thread reads the page's chunk (`keel_snapshot::CHUNK`) from the part into a buffer of its
+//! own, checks it against the chunk digest the snapshot's state lists, and fills the
+//! [`WINDOW`] around the page from that buffer (non-zero pages copied, zero pages mapped to
+//! the shared zero page). The last few checked chunks stay in buffers, so the next faults on
+//! them cost a copy only; a chunk read again later is checked again. A chunk that does not
+//! match stops the VM: no byte the check did not pass reaches the guest, and changing the
+//! memory file under a running VM changes nothing the guest sees.
 //!
-//! So a restore costs the same for any guest size; the work moves to first use. Beside the
-//! guest, a checker thread reads and checks the chunks not yet used, so a corrupted snapshot
-//! is still refused within moments of its start even where the guest never looks.
+//! Only pages the guest touches are copied, so a restore costs the same for any guest size
+//! and an idle guest stays small. Which pages were filled is kept (a bit per page): one
+//! filled and missing again was given back through the balloon and reads as zeros, and a
+//! snapshot of the VM takes the pages never filled from the part. Beside the guest, a checker
+//! thread reads and checks the chunks nobody used yet, so a corrupted snapshot is still
+//! refused within moments of its start even where the guest never looks.
 
 use crate::exit::ExitReason;
 use crate::memory::GuestRam;
@@ -26,21 +31,10 @@ use std::time::Instant;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Bytes filled around a fault before the rest of its chunk: the faulting thread goes on
-/// after these.
-const WINDOW: u64 = 16 * PAGE as u64;
-/// The rest of a chunk is filled in batches of this many bytes, with the faults waiting on
-/// the chunk served in between.
-const BATCH: u64 = 64 * PAGE as u64;
-
-/// The host range of the [`WINDOW`] holding `page`, inside the chunk piece that holds it.
-fn window(page: u64, pieces: &[(u64, usize, u64)]) -> Option<(u64, u64)> {
-    let &(host, _, len) = pieces
-        .iter()
-        .find(|(h, _, l)| (*h..*h + *l).contains(&page))?;
-    let a = (page - page % WINDOW).max(host);
-    Some((a, (a + WINDOW).min(host + len)))
-}
+/// Bytes filled around a faulting page (aligned, within its chunk and RAM range).
+const WINDOW: u64 = 32 * PAGE as u64;
+/// Checked chunks kept in buffers for the next faults on them.
+const CACHED_CHUNKS: usize = 2;
 
 /// One guest RAM range: where the VMM maps it and where it sits in the memory part.
 #[derive(Clone, Copy, Debug)]
@@ -51,10 +45,29 @@ struct Segment {
     gpa: u64,
 }
 
-struct Loader {
-    /// By chunk: read, checked and in guest memory (or the VM is stopping).
-    loaded: Vec<bool>,
+/// A checked chunk's bytes (holes zeroed).
+struct Cached {
+    chunk: u64,
     buf: Vec<u8>,
+}
+
+struct Loader {
+    /// By chunk: read and checked by the pager (or found bad): the checker skips it.
+    checked: Vec<bool>,
+    /// By page of the part, a bit each: put in guest memory once (copied or zero-mapped).
+    filled: Vec<u64>,
+    /// Recently checked chunks, the most recent last.
+    cache: Vec<Cached>,
+    /// Buffers for chunks to come (faulted in before they are needed).
+    spare: Vec<Vec<u8>>,
+}
+
+impl Loader {
+    fn is_filled(&self, page: u64) -> bool {
+        self.filled
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
 }
 
 /// The memory of a VM restored from a snapshot, served on first use.
@@ -122,8 +135,10 @@ impl LazyMemory {
             digests,
             segments,
             loader: Mutex::new(Loader {
-                loaded: vec![false; chunks as usize],
-                buf: vec![0; CHUNK as usize],
+                checked: vec![false; chunks as usize],
+                filled: vec![0; (len / PAGE as u64).div_ceil(64) as usize],
+                cache: Vec::new(),
+                spare: Vec::new(),
             }),
             failure: OnceLock::new(),
             stop: OnceLock::new(),
@@ -182,14 +197,18 @@ impl LazyMemory {
     /// Serves faults until `quit` is readable. Whoever touches guest memory must be done
     /// before `quit` is written (a fault after it waits until the descriptor is closed).
     pub(crate) fn serve(&self, quit: &EventFd) {
-        // The chunk buffer's pages, faulted in before the first fault needs them (on a
+        // A chunk buffer, its pages faulted in before the first fault needs them (on a
         // nested host a fresh page costs microseconds: a 4 MiB buffer, milliseconds).
         {
             let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-            for p in loader.buf.chunks_mut(PAGE) {
-                // SAFETY: a volatile write of one byte inside the buffer, so the compiler
-                // keeps the touch of a page that already holds zeros.
-                unsafe { std::ptr::write_volatile(p.as_mut_ptr(), 0) };
+            if loader.cache.is_empty() && loader.spare.is_empty() {
+                let mut buf = vec![0u8; CHUNK as usize];
+                for p in buf.chunks_mut(PAGE) {
+                    // SAFETY: a volatile write of one byte inside the buffer, so the
+                    // compiler keeps the touch of a page that already holds zeros.
+                    unsafe { std::ptr::write_volatile(p.as_mut_ptr(), 0) };
+                }
+                loader.spare.push(buf);
             }
         }
         loop {
@@ -208,42 +227,34 @@ impl LazyMemory {
         }
     }
 
-    /// The segment holding host address `addr`, and `addr`'s offset in the part.
-    fn locate(&self, addr: u64) -> Option<u64> {
+    /// The segment holding host address `addr`.
+    fn segment(&self, addr: u64) -> Option<&Segment> {
         self.segments
             .iter()
             .find(|s| (s.host..s.host + s.len).contains(&addr))
-            .map(|s| s.file + (addr - s.host))
     }
 
     fn handle(&self, fault: Fault) {
-        // Faults met while a chunk was being filled, on other chunks.
-        let mut later = vec![fault];
-        while let Some(f) = later.pop() {
-            self.handle_one(f, &mut later);
-        }
-    }
-
-    fn handle_one(&self, fault: Fault, later: &mut Vec<Fault>) {
         let t = Instant::now();
         self.faults.fetch_add(1, Ordering::Relaxed);
         let page = fault.address & !(PAGE as u64 - 1);
-        let Some(offset) = self.locate(page) else {
+        let Some(seg) = self.segment(page).copied() else {
             // Registered memory is exactly the segments: cannot happen; do not leave the
             // faulting thread waiting.
             let _ = self.uffd.zeropage(page, PAGE as u64);
             return;
         };
+        let offset = seg.file + (page - seg.host);
         let chunk = offset / CHUNK;
         let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-        let result = match loader.loaded.get(chunk as usize) {
-            // A page of a loaded chunk that is missing again (the balloon gave it back):
-            // zeros, as for any fresh page.
-            Some(true) | None => self
-                .uffd
+        let result = if loader.is_filled(offset / PAGE as u64) {
+            // Filled once and missing again: the balloon gave it back. Zeros, as for any
+            // fresh page.
+            self.uffd
                 .zeropage(page, PAGE as u64)
-                .map_err(|e| e.to_string()),
-            Some(false) => self.load(&mut loader, chunk, page, later),
+                .map_err(|e| e.to_string())
+        } else {
+            self.fill_window(&mut loader, &seg, offset)
         };
         drop(loader);
         if let Err(e) = result {
@@ -252,172 +263,119 @@ impl LazyMemory {
         }
         let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.busy_ns.fetch_add(ns, Ordering::Relaxed);
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let gpa = self
-                .segments
-                .iter()
-                .find(|s| (s.host..s.host + s.len).contains(&page))
-                .map_or(0, |s| s.gpa + (page - s.host));
-            tracing::debug!(
-                "memory pager: {} fault at {gpa:#x} (chunk {chunk}) served in {} us",
-                if fault.write { "write" } else { "read" },
-                ns / 1000
-            );
-        }
+        tracing::debug!(
+            "memory pager: {} fault at {:#x} (chunk {chunk}) served in {} us",
+            if fault.write { "write" } else { "read" },
+            seg.gpa + (page - seg.host),
+            ns / 1000
+        );
     }
 
-    /// The pieces of chunk `chunk` in guest memory: (host address, offset in the chunk, length).
-    fn pieces(&self, chunk: u64) -> Vec<(u64, usize, u64)> {
-        let start = chunk * CHUNK;
-        let end = (start + CHUNK).min(self.len);
-        self.segments
-            .iter()
-            .filter_map(|s| {
-                let a = start.max(s.file);
-                let b = end.min(s.file + s.len);
-                (a < b).then(|| (s.host + (a - s.file), (a - start) as usize, b - a))
-            })
-            .collect()
-    }
-
-    /// Reads and checks chunk `chunk`, then copies it in (the loader is held): first the
-    /// [`WINDOW`] around `page`, which lets the faulting thread go on, then the rest in
-    /// [`BATCH`]es, serving faults on this chunk in between (its checked bytes are at hand)
-    /// and keeping faults on other chunks in `later`.
-    fn load(
-        &self,
-        loader: &mut Loader,
-        chunk: u64,
-        page: u64,
-        later: &mut Vec<Fault>,
-    ) -> Result<(), String> {
-        let Loader { loaded, buf } = loader;
-        if let Some(l) = loaded.get_mut(chunk as usize) {
-            *l = true;
+    /// The cache slot of chunk `chunk`, read and checked if it is not there; `None` if it
+    /// failed its check (the VM is stopping).
+    fn cached(&self, loader: &mut Loader, chunk: u64) -> Option<usize> {
+        if let Some(i) = loader.cache.iter().position(|c| c.chunk == chunk) {
+            let c = loader.cache.remove(i);
+            loader.cache.push(c);
+            return Some(loader.cache.len() - 1);
         }
-        let digest = read_chunk(&self.file, self.len, chunk, buf);
-        let good = match &digest {
-            Ok(d) => self.digests.get(chunk as usize) == Some(d),
-            Err(_) => false,
+        let mut buf = match loader.spare.pop() {
+            Some(b) => b,
+            None if loader.cache.len() >= CACHED_CHUNKS => loader.cache.remove(0).buf,
+            None => vec![0; CHUNK as usize],
         };
-        let pieces = self.pieces(chunk);
-        if !good {
-            self.fail(match digest {
-                Err(e) => format!("cannot read snapshot memory chunk {chunk}: {e}"),
-                Ok(_) => self.corrupted(chunk),
-            });
-            // The waiting thread goes on (on zeros) while the VM stops.
-            for (host, _, len) in pieces {
-                self.uffd.zeropage(host, len).map_err(|e| e.to_string())?;
-            }
-            return Ok(());
-        }
-        self.chunks_loaded.fetch_add(1, Ordering::Relaxed);
-        let first = window(page, &pieces);
-        if let Some((a, b)) = first {
-            self.fill_range(buf, &pieces, a, b)?;
-        }
-        for &(host, _, len) in &pieces {
-            let mut a = host;
-            while a < host + len {
-                let b = (a + BATCH).min(host + len);
-                // What the first window did not fill.
-                match first {
-                    Some((wa, wb)) if wa < b && a < wb => {
-                        self.fill_range(buf, &pieces, a, wa.max(a))?;
-                        self.fill_range(buf, &pieces, wb.min(b), b)?;
-                    }
-                    _ => self.fill_range(buf, &pieces, a, b)?,
+        let digest = read_chunk(&self.file, self.len, chunk, &mut buf);
+        let first = match loader.checked.get_mut(chunk as usize) {
+            Some(c) => !std::mem::replace(c, true),
+            None => false,
+        };
+        match digest {
+            Ok(d) if self.digests.get(chunk as usize) == Some(&d) => {
+                if first {
+                    self.chunks_loaded.fetch_add(1, Ordering::Relaxed);
                 }
-                self.serve_during(chunk, buf, &pieces, later)?;
-                a = b;
+                loader.cache.push(Cached { chunk, buf });
+                Some(loader.cache.len() - 1)
+            }
+            other => {
+                loader.spare.push(buf);
+                self.fail(match other {
+                    Err(e) => format!("cannot read snapshot memory chunk {chunk}: {e}"),
+                    Ok(_) => self.corrupted(chunk),
+                });
+                None
             }
         }
-        Ok(())
     }
 
-    /// While chunk `chunk` (checked, in `buf`) is being copied in: serves the faults waiting
-    /// on it at once, and keeps the others for later.
-    fn serve_during(
-        &self,
-        chunk: u64,
-        buf: &[u8],
-        pieces: &[(u64, usize, u64)],
-        later: &mut Vec<Fault>,
-    ) -> Result<(), String> {
-        while let Some(f) = self.uffd.next_fault().map_err(|e| e.to_string())? {
-            let page = f.address & !(PAGE as u64 - 1);
-            if self.locate(page).map(|o| o / CHUNK) != Some(chunk) {
-                later.push(f);
-                continue;
-            }
-            self.faults.fetch_add(1, Ordering::Relaxed);
-            if let Some((a, b)) = window(page, pieces) {
-                self.fill_range(buf, pieces, a, b)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Copies host range `[from, to)` of a chunk in from its checked bytes `buf`: runs of
-    /// non-zero pages by copy, runs of zero pages as the zero page. Pages already there stay.
-    fn fill_range(
-        &self,
-        buf: &[u8],
-        pieces: &[(u64, usize, u64)],
-        from: u64,
-        to: u64,
-    ) -> Result<(), String> {
-        for &(host, at, len) in pieces {
-            let (a, b) = (from.max(host), to.min(host + len));
-            if a >= b {
-                continue;
-            }
-            let lo = at + (a - host) as usize;
-            let bytes = buf
-                .get(lo..lo + (b - a) as usize)
-                .ok_or_else(|| format!("host range {a:#x}..{b:#x} outside its chunk"))?;
-            let mut run_start = 0usize;
-            let mut run_zero = None;
-            for (i, p) in bytes.chunks(PAGE).enumerate() {
-                let zero = keel_snapshot::is_zero_page(p);
-                match run_zero {
-                    Some(z) if z != zero => {
-                        self.fill(a, bytes, run_start, i * PAGE, z)?;
-                        run_start = i * PAGE;
-                    }
-                    _ => {}
+    /// Fills the [`WINDOW`] around part offset `offset` (in segment `seg`) from its checked
+    /// chunk, skipping pages filled before; zeros if the chunk failed its check.
+    fn fill_window(&self, loader: &mut Loader, seg: &Segment, offset: u64) -> Result<(), String> {
+        let chunk = offset / CHUNK;
+        let page = PAGE as u64;
+        let start = (offset - offset % WINDOW).max(seg.file);
+        let end = (start + WINDOW).min(seg.file + seg.len).min(self.len);
+        let slot = self.cached(loader, chunk);
+        let Loader { filled, cache, .. } = loader;
+        let bytes_of = |off: u64| -> Option<&[u8]> {
+            let c = cache.get(slot?)?;
+            let at = (off - chunk * CHUNK) as usize;
+            c.buf.get(at..at + PAGE)
+        };
+        // Runs of pages not filled yet, split where zero and non-zero pages meet.
+        let mut run: Option<(u64, bool)> = None;
+        let mut data: Vec<u8> = Vec::new();
+        let mut off = start;
+        while off <= end {
+            let next = if off < end {
+                let index = off / page;
+                let done = filled
+                    .get((index / 64) as usize)
+                    .is_some_and(|w| w & (1 << (index % 64)) != 0);
+                if done {
+                    None
+                } else {
+                    let bytes = bytes_of(off);
+                    Some(bytes.is_none_or(keel_snapshot::is_zero_page))
                 }
-                run_zero = Some(zero);
+            } else {
+                None
+            };
+            // Close the open run when this page does not continue it.
+            if let Some((from, zero)) = run {
+                if next != Some(zero) {
+                    let host = seg.host + (from - seg.file);
+                    if zero {
+                        self.uffd
+                            .zeropage(host, off - from)
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        let n = self.uffd.copy(host, &data).map_err(|e| e.to_string())?;
+                        self.bytes_copied.fetch_add(n, Ordering::Relaxed);
+                    }
+                    for p in from / page..off / page {
+                        if let Some(w) = filled.get_mut((p / 64) as usize) {
+                            *w |= 1 << (p % 64);
+                        }
+                    }
+                    data.clear();
+                    run = None;
+                }
             }
-            if let Some(z) = run_zero {
-                self.fill(a, bytes, run_start, bytes.len(), z)?;
+            if let Some(zero) = next {
+                if run.is_none() {
+                    run = Some((off, zero));
+                }
+                if !zero {
+                    data.extend_from_slice(bytes_of(off).unwrap_or_default());
+                }
             }
+            off += page;
         }
         Ok(())
     }
 
-    fn fill(
-        &self,
-        host: u64,
-        bytes: &[u8],
-        from: usize,
-        to: usize,
-        zero: bool,
-    ) -> Result<(), String> {
-        let dst = host + from as u64;
-        if zero {
-            self.uffd.zeropage(dst, (to - from) as u64)
-        } else {
-            let src = bytes.get(from..to).unwrap_or_default();
-            self.uffd.copy(dst, src).map(|n| {
-                self.bytes_copied.fetch_add(n, Ordering::Relaxed);
-            })
-        }
-        .map_err(|e| e.to_string())
-    }
-
-    /// On the checker thread: checks every chunk not loaded yet, until `quit`.
+    /// On the checker thread: checks every chunk the pager has not, until `quit`.
     pub(crate) fn check_unused(&self, quit: &AtomicBool) {
         let t = Instant::now();
         let mut buf = vec![0u8; CHUNK as usize];
@@ -427,7 +385,7 @@ impl LazyMemory {
             if quit.load(Ordering::Relaxed) || self.failure.get().is_some() {
                 return;
             }
-            if self.is_loaded(chunk) {
+            if self.was_checked(chunk) {
                 continue;
             }
             match keel_snapshot::read_chunk_data(
@@ -455,16 +413,17 @@ impl LazyMemory {
         );
     }
 
-    fn is_loaded(&self, chunk: u64) -> bool {
+    fn was_checked(&self, chunk: u64) -> bool {
         let loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-        loader.loaded.get(chunk as usize).copied().unwrap_or(true)
+        loader.checked.get(chunk as usize).copied().unwrap_or(true)
     }
 
-    /// By chunk: whether its pages are still only in the memory part (for a snapshot of the
-    /// VM, taken with the vCPUs and devices paused).
-    pub(crate) fn unloaded(&self) -> Vec<bool> {
+    /// By page of the part, a bit each: whether it was ever put in guest memory (for a
+    /// snapshot of the VM, taken with the vCPUs and devices paused: the others are still
+    /// only in the part).
+    pub(crate) fn filled_pages(&self) -> Vec<u64> {
         let loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-        loader.loaded.iter().map(|l| !l).collect()
+        loader.filled.clone()
     }
 
     /// Reads chunk `chunk` of the part into `buf` and checks it (for a snapshot of the VM:

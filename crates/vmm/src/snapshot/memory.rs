@@ -65,10 +65,12 @@ fn candidates(
     Ok(want)
 }
 
-/// Where a restored VM's chunks not used yet are: still in the memory part it came from.
+/// Where the pages of a restored VM its guest never used are: still in the memory part it
+/// came from.
 struct FromPart<'a> {
     lazy: &'a LazyMemory,
-    unloaded: Vec<bool>,
+    /// By page of the part, a bit each: in guest memory.
+    filled: Vec<u64>,
     buf: Vec<u8>,
     /// The data extents of the chunk `buf` holds (byte ranges in it, in order).
     extents: Vec<std::ops::Range<usize>>,
@@ -77,7 +79,7 @@ struct FromPart<'a> {
 
 /// A page of a restored VM as a snapshot of it sees it.
 enum Stored<'a> {
-    /// In guest memory (its chunk was loaded).
+    /// In guest memory (the guest used it).
     InGuest,
     /// In the part, and zero (a hole).
     Zero,
@@ -86,12 +88,17 @@ enum Stored<'a> {
 }
 
 impl FromPart<'_> {
-    /// The page at `offset` of the part, if its chunk was never loaded (read and checked).
+    /// The page at `offset` of the part, if the guest never used it (read and checked).
     fn page(&mut self, offset: u64) -> std::io::Result<Stored<'_>> {
-        let chunk = offset / CHUNK;
-        if !self.unloaded.get(chunk as usize).copied().unwrap_or(false) {
+        let index = offset / PAGE as u64;
+        let filled = self
+            .filled
+            .get((index / 64) as usize)
+            .is_none_or(|w| w & (1 << (index % 64)) != 0);
+        if filled {
             return Ok(Stored::InGuest);
         }
+        let chunk = offset / CHUNK;
         if self.held != Some(chunk) {
             self.held = None;
             self.lazy
@@ -110,7 +117,7 @@ impl FromPart<'_> {
 }
 
 /// Writes guest memory to `out` (which becomes `file_size` long, with holes for zero pages).
-/// The guest and the devices must not be running. For a restored VM, `lazy` holds the chunks
+/// The guest and the devices must not be running. For a restored VM, `lazy` knows the pages
 /// the guest never used: they are copied from the part it came from, checked again.
 pub(crate) fn save(
     mem: &GuestMemoryMmap,
@@ -127,7 +134,7 @@ pub(crate) fn save(
     let mut page = vec![0u8; PAGE];
     let mut from_part = lazy.map(|lazy| FromPart {
         lazy,
-        unloaded: lazy.unloaded(),
+        filled: lazy.filled_pages(),
         buf: vec![0; CHUNK as usize],
         extents: Vec::new(),
         held: None,
