@@ -1,0 +1,10 @@
+//! Live migration (issue 6, being built): guest memory over a `keel_migration::Channel`.
+//!
+//! - [`pages`]: sending a set of guest pages (all of RAM for the first pre-copy round, the
+//!   dirty ones after) as runs, zero pages as ranges; applying what arrives to the
+//!   destination's guest memory, every page number checked against its RAM.
+//! - [`plan`]: when pre-copy has converged: the pages still dirty, at the bandwidth measured
+//!   so far, fit the downtime budget.
+
+pub(crate) mod pages;
+pub(crate) mod plan;
