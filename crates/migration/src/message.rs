@@ -78,6 +78,18 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Longest abort reason carried, in bytes.
+const MAX_REASON: usize = 4096;
+
+/// `why` cut to at most [`MAX_REASON`] bytes, at a character boundary.
+fn clip_reason(why: &str) -> &str {
+    let mut end = why.len().min(MAX_REASON);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why.get(..end).unwrap_or_default()
+}
+
 /// Pages numbers must stay addressable as guest-physical addresses (52 bits).
 const MAX_PAGE: u64 = 1 << 40;
 
@@ -112,7 +124,7 @@ impl Message {
             Message::Resumed => v.push(RESUMED),
             Message::Abort(why) => {
                 v.push(ABORT);
-                v.extend_from_slice(why.as_bytes());
+                v.extend_from_slice(clip_reason(why).as_bytes());
             }
         }
         v
@@ -178,10 +190,14 @@ impl Message {
             RESUMED => Message::Resumed,
             ABORT => {
                 let b = r.rest();
-                if b.len() > 4096 {
-                    return Err(bad("an abort reason longer than 4096 bytes"));
+                if b.len() > MAX_REASON {
+                    return Err(bad(format!(
+                        "an abort reason longer than {MAX_REASON} bytes"
+                    )));
                 }
-                Message::Abort(String::from_utf8_lossy(b).into_owned())
+                // Invalid UTF-8 becomes U+FFFD (three bytes each): clip what that grew.
+                let why = String::from_utf8_lossy(b);
+                Message::Abort(clip_reason(&why).to_string())
             }
             k => return Err(bad(format!("unknown message type {k}"))),
         };
@@ -252,6 +268,18 @@ mod tests {
         trailing.push(0);
         assert!(err(&trailing).contains("1 bytes after"));
         assert!(err(&[RESUMED, 0]).contains("after the message"));
+        // An abort reason of invalid UTF-8 grows when made text: it is clipped, and what
+        // decodes encodes to something that decodes the same.
+        let mut junk = vec![ABORT];
+        junk.extend(vec![0xff; MAX_REASON]);
+        let m = Message::decode(&junk).unwrap();
+        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        let Message::Abort(why) = &m else { panic!() };
+        assert!(why.len() <= MAX_REASON);
+        // A long reason is clipped when sent, not refused.
+        let long = Message::Abort("é".repeat(3000));
+        assert!(long.encode().len() <= 1 + MAX_REASON);
+        assert!(Message::decode(&long.encode()).is_ok());
         let mut big = vec![STATE];
         big.extend(vec![0; MAX_BLOB + 1]);
         assert!(err(&big).contains("a state of"));
