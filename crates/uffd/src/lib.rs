@@ -285,54 +285,32 @@ impl Uffd {
     pub fn copy(&self, dst: u64, src: &[u8]) -> Result<u64> {
         let len = src.len() as u64;
         aligned(dst, len)?;
-        let mut done = 0u64;
-        let mut copied_total = 0u64;
-        while done < len {
+        let filled = self.fill("UFFDIO_COPY", dst, len, |at, left| {
             let mut c = UffdioCopy {
-                dst: dst + done,
-                src: src.as_ptr() as u64 + done,
-                len: len - done,
+                dst: at,
+                src: src.as_ptr() as u64 + (at - dst),
+                len: left,
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: UFFDIO_COPY reads `c.len` bytes from `src` (a live slice of at least
-            // that many bytes from `done` on) and writes them only into registered memory of
-            // this process, through the kernel; it writes back only `c.copy`.
+            // SAFETY: UFFDIO_COPY reads `c.len` bytes from `c.src` (inside the live slice
+            // `src`: `fill` keeps `at + left` within `dst + len`) and writes them only into
+            // registered memory of this process, through the kernel; it writes back `c.copy`.
             let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
-            let copied = u64::try_from(c.copy).unwrap_or(0);
-            copied_total += copied;
-            if r == 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            done += copied;
-            match e.raw_os_error() {
-                // The page at `done` exists already: step over it.
-                Some(libc::EEXIST) if copied == 0 => done += PAGE,
-                Some(libc::EEXIST) | Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                _ => {
-                    return Err(Error::Fill {
-                        what: "UFFDIO_COPY",
-                        dst: dst + done,
-                        len: len - done,
-                        source: e,
-                    })
-                }
-            }
-        }
+            (r, c.copy)
+        })?;
         self.wake(dst, len)?;
-        Ok(copied_total)
+        Ok(filled)
     }
 
     /// Maps the zero page at the missing pages of `[dst, dst+len)` and wakes the waiters.
     pub fn zeropage(&self, dst: u64, len: u64) -> Result<()> {
         aligned(dst, len)?;
-        let mut done = 0u64;
-        while done < len {
+        self.fill("UFFDIO_ZEROPAGE", dst, len, |at, left| {
             let mut z = UffdioZeropage {
                 range: UffdioRange {
-                    start: dst + done,
-                    len: len - done,
+                    start: at,
+                    len: left,
                 },
                 mode: 0,
                 zeropage: 0,
@@ -340,18 +318,40 @@ impl Uffd {
             // SAFETY: UFFDIO_ZEROPAGE on our descriptor with a live struct; it maps the zero
             // page into registered memory only and writes back only `z.zeropage`.
             let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) };
-            let mapped = u64::try_from(z.zeropage).unwrap_or(0);
+            (r, z.zeropage)
+        })?;
+        self.wake(dst, len)
+    }
+
+    /// Runs a filling ioctl over `[dst, dst+len)` until it is done: `op(at, left)` fills
+    /// from `at` and returns the ioctl's result and its count (bytes filled, or -errno).
+    /// A page that exists already is stepped over; a partial fill goes on where it stopped.
+    /// Returns the bytes actually filled.
+    fn fill(
+        &self,
+        what: &'static str,
+        dst: u64,
+        len: u64,
+        mut op: impl FnMut(u64, u64) -> (libc::c_int, i64),
+    ) -> Result<u64> {
+        let mut done = 0u64;
+        let mut filled = 0u64;
+        while done < len {
+            let (r, count) = op(dst + done, len - done);
+            let n = u64::try_from(count).unwrap_or(0).min(len - done);
+            filled += n;
             if r == 0 {
                 break;
             }
             let e = std::io::Error::last_os_error();
-            done += mapped;
+            done += n;
             match e.raw_os_error() {
-                Some(libc::EEXIST) if mapped == 0 => done += PAGE,
+                // The page at `done` exists already: step over it.
+                Some(libc::EEXIST) if n == 0 => done += PAGE,
                 Some(libc::EEXIST) | Some(libc::EAGAIN) | Some(libc::EINTR) => {}
                 _ => {
                     return Err(Error::Fill {
-                        what: "UFFDIO_ZEROPAGE",
+                        what,
                         dst: dst + done,
                         len: len - done,
                         source: e,
@@ -359,7 +359,7 @@ impl Uffd {
                 }
             }
         }
-        self.wake(dst, len)
+        Ok(filled)
     }
 
     /// Wakes whoever waits on a fault in `[start, start+len)` (after the pages were filled
