@@ -469,12 +469,37 @@ fn bad_snapshots_are_refused() -> Result<(), Failed> {
             }
         }
     })?;
+    // Chunk digests that do not make the memory part's digest (state re-checksummed, no
+    // key): refused before any VMM starts.
+    let chunks = copy(&plain, "chunks")?;
+    let st = chunks.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&st).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    state["memory_chunks"][0] = "00".repeat(32).into();
+    let text = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+    std::fs::write(&st, &text).map_err(|e| e.to_string())?;
+    let (sum, size) = (sha256(&text), text.len());
+    edit_manifest(&chunks, &|v| {
+        for p in v["parts"].as_array_mut().unwrap() {
+            if p["name"] == "state.json" {
+                p["digest"] = sum.clone().into();
+                p["size"] = size.into();
+            }
+        }
+    })?;
     let not_a_snapshot = dir.path("empty");
     std::fs::create_dir_all(&not_a_snapshot).map_err(|e| e.to_string())?;
 
     let cases: Vec<(&str, PathBuf, Option<&Path>, &str)> = vec![
         ("corrupted", corrupted, None, "is corrupted"),
         ("truncated", truncated, None, "is truncated"),
+        (
+            "chunk digests edited",
+            chunks,
+            None,
+            "do not make its digest",
+        ),
         (
             "wrong version",
             version,
