@@ -38,6 +38,33 @@ pub enum Request {
     /// before). File descriptors travel with the request line (SCM_RIGHTS), in this order:
     /// the memory part, the state part, then one new empty file per entry of `overlays`.
     Snapshot(SnapshotRequest),
+    /// Moves the VM to another host (`keel receive` there): the connected TCP stream travels
+    /// with the request (SCM_RIGHTS). On success the VM runs there and this VMM exits.
+    Migrate(MigrateRequest),
+}
+
+/// What `migrate` needs besides its connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The pre-shared migration key, hex (the control socket is the host operator's).
+    pub key_hex: String,
+}
+
+/// What `migrate` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateReply {
+    /// From the request until the destination said it runs the VM, in microseconds.
+    pub total_us: u64,
+    /// How long the guest was paused (the copy and the switch-over), in microseconds.
+    pub downtime_us: u64,
+    /// Bytes sent on the stream (encrypted frames included).
+    pub bytes_sent: u64,
+    /// Rounds of pages sent (the last one with the guest paused).
+    pub rounds: u32,
+    /// Pages sent with their bytes, and as zero ranges.
+    pub data_pages: u64,
+    pub zero_pages: u64,
 }
 
 /// What `snapshot` needs besides its files.
@@ -177,6 +204,7 @@ pub enum Reply {
     Balloon(BalloonInfo),
     State(VmState),
     Snapshot(SnapshotReply),
+    Migrated(MigrateReply),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

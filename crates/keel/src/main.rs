@@ -3,6 +3,7 @@
 mod ctl;
 mod host_check;
 mod jailed;
+mod migrate;
 mod restore;
 mod snapshot;
 mod terminal;
@@ -50,6 +51,11 @@ enum Command {
     /// overlays over the snapshot's, so any snapshot can be restored again, in any order,
     /// and many times side by side.
     Restore(Box<restore::RestoreArgs>),
+    /// Move a running VM to another host (where `keel receive` waits): it runs there after,
+    /// and its VMM here exits.
+    Migrate(migrate::MigrateArgs),
+    /// Wait for a VM sent by `keel migrate` and run it here, on this terminal.
+    Receive(Box<migrate::ReceiveArgs>),
     /// Report whether this host can run Keel VMs: the KVM kind, capabilities, cgroups, devices.
     HostCheck {
         /// Print the report as JSON.
@@ -308,6 +314,8 @@ fn main() -> ExitCode {
         Command::Resume(a) => ctl::call(&a.vm, keel_api::Request::Resume),
         Command::Snapshot(args) => snapshot::run(args),
         Command::Restore(args) => restore::run(*args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Receive(args) => migrate::receive(*args),
     }
 }
 

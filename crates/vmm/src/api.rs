@@ -1,6 +1,7 @@
 //! The VMM's control socket (`--api-socket`): one thread serving [`keel_api`] requests
 //! while the VM runs.
 
+use crate::snapshot::{Done, Work};
 use crate::VmmError;
 use keel_api::{parse_request, BalloonInfo, Reply, Request, Response, VmInfo, VmState, MAX_LINE};
 use std::io::Write;
@@ -54,6 +55,18 @@ pub(crate) struct Control {
 }
 
 impl Control {
+    /// A snapshot or a migration, done by the event loop with the VM paused.
+    fn on_event_loop(&self, work: Work, fds: Vec<OwnedFd>) -> Response {
+        let Some(q) = &self.snapshots else {
+            return Response::error("snapshots and migration are not available for this VM");
+        };
+        match q.take(work, fds) {
+            Ok(Done::Snapshot(r)) => Response::ok(Reply::Snapshot(r)),
+            Ok(Done::Migrated(r)) => Response::ok(Reply::Migrated(r)),
+            Err(e) => Response::error(e),
+        }
+    }
+
     fn state(&self) -> VmState {
         if self.shared.pause.is_paused() {
             VmState::Paused
@@ -63,7 +76,7 @@ impl Control {
     }
 
     fn handle(&self, req: Request, fds: Vec<OwnedFd>) -> Response {
-        if !fds.is_empty() && !matches!(req, Request::Snapshot(_)) {
+        if !fds.is_empty() && !matches!(req, Request::Snapshot(_) | Request::Migrate(_)) {
             return Response::error("this request takes no file descriptors");
         }
         match req {
@@ -97,13 +110,8 @@ impl Control {
                 self.shared.pause.resume();
                 Response::ok(Reply::State(self.state()))
             }
-            Request::Snapshot(req) => match &self.snapshots {
-                None => Response::error("snapshots are not available for this VM"),
-                Some(q) => match q.take(req, fds) {
-                    Ok(r) => Response::ok(Reply::Snapshot(r)),
-                    Err(e) => Response::error(e),
-                },
-            },
+            Request::Snapshot(req) => self.on_event_loop(Work::Snapshot(req), fds),
+            Request::Migrate(req) => self.on_event_loop(Work::Migrate(req), fds),
             Request::BalloonStats => match &self.balloon {
                 None => Response::error("this VM has no balloon (start it with --balloon)"),
                 Some(b) => Response::ok(Reply::Balloon(b.info())),

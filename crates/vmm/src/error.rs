@@ -66,6 +66,9 @@ pub enum VmmError {
     /// A snapshot that cannot be restored (its contents do not fit this VM or host).
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A migration that cannot go on (the stream, the key, or what it carries).
+    #[error("migration: {0}")]
+    Migration(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -91,6 +94,7 @@ impl VmmError {
                 | VmmError::Cgroup(keel_cgroup::CgroupError::BadLimit(_))
                 | VmmError::Net { .. }
                 | VmmError::Snapshot(_)
+                | VmmError::Migration(_)
         )
     }
 }

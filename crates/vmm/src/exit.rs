@@ -28,6 +28,8 @@ pub enum ExitReason {
     /// The memory of the snapshot the VM was restored from failed its check when it was
     /// first used (or by the checker beside the guest): the VM cannot go on.
     SnapshotMemory { error: String },
+    /// The VM moved to another host (`keel migrate`): it runs there now.
+    Migrated,
 }
 
 impl ExitReason {
@@ -38,7 +40,8 @@ impl ExitReason {
             ExitReason::PowerOff { .. }
             | ExitReason::Reset { .. }
             | ExitReason::Halted
-            | ExitReason::ConsoleEscape => 0,
+            | ExitReason::ConsoleEscape
+            | ExitReason::Migrated => 0,
             ExitReason::Signal(n) => 128 + n,
             ExitReason::GuestCrash | ExitReason::VcpuFailed { .. } => 1,
             // A bad snapshot, as when `keel restore` refuses one up front.
@@ -57,6 +60,7 @@ impl ExitReason {
             ExitReason::ConsoleEscape => "stopped from the console (Ctrl-A x)".into(),
             ExitReason::VcpuFailed { vcpu, error, .. } => format!("vCPU {vcpu} failed: {error}"),
             ExitReason::SnapshotMemory { error } => format!("stopped: {error}"),
+            ExitReason::Migrated => "migrated: the VM runs on the destination now".into(),
         }
     }
 }

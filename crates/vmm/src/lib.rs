@@ -16,8 +16,7 @@ mod devices;
 mod error;
 pub mod exit;
 mod memory;
-#[allow(dead_code)] // the sender and receiver that drive it come next (issue 6)
-mod migration;
+pub mod migration;
 mod pause;
 pub mod quirks;
 mod report;

@@ -274,6 +274,7 @@ impl Vmm {
         // A restored VM's memory pager: first, and dropped (stopped) last, after every
         // thread that may touch guest memory.
         let lazy_memory = self.lazy_memory.take();
+        let migration_ack = self.migration_ack.take();
         let _pager = match &lazy_memory {
             Some(lazy) => Some(crate::snapshot::lazy::PagerThreads::start(
                 lazy.clone(),
@@ -359,6 +360,19 @@ impl Vmm {
         shared
             .pause
             .register_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        // A VM that arrived by migration runs here now: the sender may stop. If this word
+        // is lost, the sender stays paused (it never resumes without it).
+        if let Some(mut ch) = migration_ack {
+            let said = ch
+                .send(&keel_migration::Message::Resumed)
+                .and_then(|()| ch.flush());
+            match said {
+                Ok(()) => tracing::info!("migration: the VM runs here; told the sender"),
+                Err(e) => {
+                    tracing::error!("migration: the VM runs here, but the sender was not told: {e}")
+                }
+            }
+        }
         let console = Console::new(console_in, console_escape);
         let snapshots = snapshotter.as_mut().map(|s| (s, &vm));
         event_loop(&shared, &serial, &activator, snapshots, console, power);

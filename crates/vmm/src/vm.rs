@@ -98,6 +98,8 @@ pub struct Vmm {
     /// For a VM restored from a snapshot: the files it uses instead of a kernel, initrd and
     /// disks (path, writable).
     pub(crate) restored_files: Vec<(PathBuf, bool)>,
+    /// For a VM that arrived by migration: the stream, to tell the sender once it runs.
+    pub(crate) migration_ack: Option<keel_migration::Channel<std::net::TcpStream>>,
     /// For a VM restored from a snapshot: its memory, served on first use by the pager.
     pub(crate) lazy_memory: Option<Arc<crate::snapshot::lazy::LazyMemory>>,
     /// Left (and removed) when the VMM is dropped.
@@ -206,7 +208,8 @@ impl Vmm {
     pub fn host_paths(&self) -> Vec<HostPath> {
         let c = &self.config;
         let mut v = vec![HostPath::Device("/dev/kvm".into())];
-        if self.restored_files.is_empty() {
+        // A VM booted here; one restored or received uses `restored_files` instead.
+        if self.boot.kernel.is_some() {
             v.push(HostPath::File {
                 path: c.kernel.clone(),
                 writable: false,
@@ -414,6 +417,7 @@ impl Assembly {
             disk_info,
             restored_files: Vec::new(),
             lazy_memory: None,
+            migration_ack: None,
             _cgroup: cgroup,
             console_in: self.console_in,
             console_escape: self.console_escape,

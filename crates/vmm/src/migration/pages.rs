@@ -13,7 +13,8 @@ pub(crate) struct Sent {
     pub zero_pages: u64,
 }
 
-/// Every page of guest RAM, in order (the first pre-copy round, or a stop-and-copy).
+/// Every page of guest RAM, in order.
+#[cfg(test)]
 pub(crate) fn all_pages(mem: &GuestMemoryMmap) -> impl Iterator<Item = u64> + '_ {
     mem.iter().flat_map(|r| {
         let first = r.start_addr().0 / PAGE as u64;

@@ -71,6 +71,22 @@ pub const MAX_LAYERS: usize = 64;
 /// Parses and checks the state part: its shape must fit the configuration it carries
 /// (untrusted input: every count is bounded before it is used).
 pub fn parse_state(bytes: &[u8]) -> Result<SavedVm, String> {
+    let saved = parse_machine(bytes)?;
+    memory_chunks(&saved)?;
+    Ok(saved)
+}
+
+/// A migrating VM's state (the last message of a migration stream): checked like
+/// [`parse_state`], with no memory chunks (its memory came as pages).
+pub fn parse_migration_state(bytes: &[u8]) -> Result<SavedVm, String> {
+    let saved = parse_machine(bytes)?;
+    if !saved.memory_chunks.is_empty() {
+        return Err("a migrating VM's state lists memory chunks".into());
+    }
+    Ok(saved)
+}
+
+fn parse_machine(bytes: &[u8]) -> Result<SavedVm, String> {
     let saved: SavedVm =
         serde_json::from_slice(bytes).map_err(|e| format!("{STATE_PART} is malformed: {e}"))?;
     let c = &saved.config;
@@ -96,7 +112,6 @@ pub fn parse_state(bytes: &[u8]) -> Result<SavedVm, String> {
     if saved.devices.len() > MAX_DEVICES || c.disks.len() > MAX_DEVICES {
         return Err(format!("{STATE_PART}: {} devices", saved.devices.len()));
     }
-    memory_chunks(&saved)?;
     if saved.serial.in_buffer.len() > 64 {
         return Err(format!(
             "{STATE_PART}: the serial port holds more than its FIFO"

@@ -34,7 +34,7 @@ pub(crate) fn file_size(memory: u64) -> u64 {
 
 /// Pages the save must look at in one region: those the process has (present or swapped,
 /// from `/proc/self/pagemap`). Without a pagemap, every page.
-fn candidates(
+pub(crate) fn candidates(
     region: &GuestRegionMmap,
     host: *mut u8,
     pagemap: Option<&File>,

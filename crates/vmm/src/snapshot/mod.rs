@@ -65,10 +65,22 @@ pub fn allocated_bytes(path: &std::path::Path) -> Option<u64> {
 /// How long the vCPUs get to save their state.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Answer = Result<SnapshotReply, String>;
+/// What the event loop is asked to do with the paused VM.
+pub(crate) enum Work {
+    Snapshot(SnapshotRequest),
+    Migrate(keel_api::MigrateRequest),
+}
+
+/// What it did.
+pub(crate) enum Done {
+    Snapshot(SnapshotReply),
+    Migrated(keel_api::MigrateReply),
+}
+
+type Answer = Result<Done, String>;
 
 struct Job {
-    req: SnapshotRequest,
+    work: Work,
     fds: Vec<OwnedFd>,
     reply: mpsc::SyncSender<Answer>,
 }
@@ -87,20 +99,21 @@ impl Requests {
         })
     }
 
-    /// On the API thread: has the event loop take the snapshot, and waits for it.
-    pub(crate) fn take(&self, req: SnapshotRequest, fds: Vec<OwnedFd>) -> Answer {
+    /// On the API thread: has the event loop do `work` (a snapshot, a migration), and waits
+    /// for it.
+    pub(crate) fn take(&self, work: Work, fds: Vec<OwnedFd>) -> Answer {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Job {
-                req,
+                work,
                 fds,
                 reply: tx,
             });
         self.evt.write(1).map_err(|e| e.to_string())?;
         rx.recv()
-            .map_err(|_| "the VM stopped before the snapshot was taken".to_string())?
+            .map_err(|_| "the VM stopped before the request was served".to_string())?
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -148,20 +161,32 @@ impl Snapshotter {
     /// On the event loop: takes every queued snapshot.
     pub(crate) fn run_pending(&mut self, vm: &Vm, sh: &Shared) {
         for job in self.requests.pending() {
-            let answer = self.take(vm, sh, job.req, job.fds);
-            match &answer {
-                Ok(r) => tracing::info!(
-                    "snapshot taken: {} MiB of guest memory written, guest paused {:.1} ms",
-                    r.memory_data_bytes >> 20,
-                    r.downtime_us as f64 / 1000.0
-                ),
-                Err(e) => tracing::warn!("snapshot failed: {e}"),
-            }
+            let answer = match job.work {
+                Work::Snapshot(req) => {
+                    let answer = self.take(vm, sh, req, job.fds);
+                    match &answer {
+                        Ok(r) => tracing::info!(
+                            "snapshot taken: {} MiB of guest memory written, guest paused {:.1} ms",
+                            r.memory_data_bytes >> 20,
+                            r.downtime_us as f64 / 1000.0
+                        ),
+                        Err(e) => tracing::warn!("snapshot failed: {e}"),
+                    }
+                    answer.map(Done::Snapshot)
+                }
+                Work::Migrate(req) => self.migrate(vm, sh, req, job.fds).map(Done::Migrated),
+            };
             let _ = job.reply.send(answer);
         }
     }
 
-    fn take(&mut self, vm: &Vm, sh: &Shared, req: SnapshotRequest, fds: Vec<OwnedFd>) -> Answer {
+    fn take(
+        &mut self,
+        vm: &Vm,
+        sh: &Shared,
+        req: SnapshotRequest,
+        fds: Vec<OwnedFd>,
+    ) -> Result<SnapshotReply, String> {
         let was_paused = sh.pause.is_paused();
         if !was_paused {
             sh.pause
@@ -192,7 +217,7 @@ impl Snapshotter {
         req: SnapshotRequest,
         fds: Vec<OwnedFd>,
         paused_devices: &mut Vec<Arc<Mutex<keel_virtio::VirtioPciDevice>>>,
-    ) -> Answer {
+    ) -> Result<SnapshotReply, String> {
         // The files first, so a bad request changes nothing.
         let writable: Vec<usize> = self
             .disks
@@ -221,30 +246,7 @@ impl Snapshotter {
         };
         let overlay_files: Vec<File> = fds.collect();
 
-        let vcpus = sh.pause.capture(
-            self.msr_indices.clone(),
-            self.config.vcpus as usize,
-            CAPTURE_TIMEOUT,
-        )?;
-        let vm_state = vm.save_state().map_err(|e| e.to_string())?;
-        for d in &self.devices {
-            d.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pause()
-                .map_err(|e| e.to_string())?;
-            paused_devices.push(d.clone());
-        }
-        let devices = self
-            .devices
-            .iter()
-            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).save_state())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_state();
+        let mut saved = self.capture_machine(vm, sh, paused_devices)?;
         let mem = memory::save(
             &sh.mem,
             &memory_file,
@@ -252,16 +254,7 @@ impl Snapshotter {
             self.lazy.as_deref(),
         )
         .map_err(|e| format!("writing guest memory: {e}"))?;
-        let saved = SavedVm {
-            config: self.config.clone(),
-            host_kind: self.host_kind.clone(),
-            cmdline: self.cmdline.clone(),
-            vcpus,
-            vm: vm_state,
-            devices,
-            serial,
-            memory_chunks: mem.chunks.iter().map(keel_snapshot::digest_hex).collect(),
-        };
+        saved.memory_chunks = mem.chunks.iter().map(keel_snapshot::digest_hex).collect();
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
         state_file
             .set_len(0)
@@ -288,6 +281,51 @@ impl Snapshotter {
             disks,
             downtime_us: 0,
             memory_data_bytes: mem.data_bytes,
+        })
+    }
+
+    /// With the vCPUs paused: every vCPU's state, the in-kernel irqchip/PIT/clock, every
+    /// device paused (pushed to `paused_devices`, for the caller to resume) and saved, the
+    /// UART. Memory is the caller's (`memory_chunks` is left empty).
+    pub(crate) fn capture_machine(
+        &mut self,
+        vm: &Vm,
+        sh: &Shared,
+        paused_devices: &mut Vec<Arc<Mutex<keel_virtio::VirtioPciDevice>>>,
+    ) -> Result<SavedVm, String> {
+        let vcpus = sh.pause.capture(
+            self.msr_indices.clone(),
+            self.config.vcpus as usize,
+            CAPTURE_TIMEOUT,
+        )?;
+        let vm_state = vm.save_state().map_err(|e| e.to_string())?;
+        for d in &self.devices {
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pause()
+                .map_err(|e| e.to_string())?;
+            paused_devices.push(d.clone());
+        }
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save_state();
+        Ok(SavedVm {
+            config: self.config.clone(),
+            host_kind: self.host_kind.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus,
+            vm: vm_state,
+            devices,
+            serial,
+            memory_chunks: Vec::new(),
         })
     }
 

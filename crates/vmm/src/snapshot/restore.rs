@@ -160,7 +160,7 @@ impl Vmm {
                     what: "spawning the memory pager",
                     source,
                 })?;
-            let built = Self::restore_machine(&spec, hv, vm, config, ram, disks, cgroup, io);
+            let built = Self::restore_machine(&spec.saved, hv, vm, config, ram, disks, cgroup, io);
             let _ = quit.write(1);
             let _ = pager.join();
             built
@@ -177,10 +177,11 @@ impl Vmm {
         Ok(vmm)
     }
 
-    /// The rest of [`Vmm::restore`], with guest memory registered and served.
+    /// The rest of [`Vmm::restore`] (and of a migration's receiver), with guest memory in
+    /// place (or served on first use): the saved machine on `vm`.
     #[allow(clippy::too_many_arguments)]
-    fn restore_machine(
-        spec: &RestoreSpec,
+    pub(crate) fn restore_machine(
+        saved: &SavedVm,
         hv: keel_hypervisor::Hypervisor,
         mut vm: keel_hypervisor::Vm,
         config: crate::VmConfig,
@@ -189,7 +190,6 @@ impl Vmm {
         cgroup: Option<keel_cgroup::VmCgroup>,
         io: VmIo,
     ) -> Result<Vmm, VmmError> {
-        let saved = &spec.saved;
         let host = hv.host_info().clone();
         map_guest_memory(&mut vm, &ram, config.memory)?;
         let parts = Assembly::build(&hv, &vm, config, ram, disks, io, Some(&saved.serial))?;
