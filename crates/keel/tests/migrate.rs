@@ -260,13 +260,53 @@ fn a_failed_migration_leaves_the_source_running() -> Result<(), Failed> {
     if code != Some(2) || !err.contains("authentication failed") {
         return Err(format!("wrong key, receiver: {code:?}\n{err}").into());
     }
-    // The source still ticks, and still takes a migration afterwards (to a good receiver).
+    // The source still ticks.
     let seen = src.ticks_to(0, Duration::from_secs(5))?;
     let now = seen.last().copied().unwrap_or(0);
     src.ticks_to(now + 5, Duration::from_secs(10))?;
     let (code, err) = src.stop()?;
     if code != Some(143) || err.contains("panicked") {
         return Err(format!("source: {code:?}\n{err}").into());
+    }
+    // A VM with a disk is refused before its guest is paused (the destination would have to
+    // name the disk's host side); it ticks on.
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
+    let api2 = dir.path("src2.sock");
+    let mut cmd = keel();
+    cmd.args([
+        "run",
+        "--kernel",
+        &KitImage::PvhElf.path().display().to_string(),
+    ])
+    .args(["--cmdline", "test=ticks secs=120", "--memory", "64M"])
+    .args(["--disk", &format!("path={},readonly=on", disk.display())])
+    .args([
+        "--shutdown-timeout",
+        "0",
+        "--api-socket",
+        &api2.display().to_string(),
+    ]);
+    let src2 = Vm::spawn(&mut cmd)?;
+    wait_socket(&api2)?;
+    src2.ticks_to(2, Duration::from_secs(20))?;
+    let port2 = self::port();
+    let mut dst2 = Vm::receiver(port2, &key, &dir.path("dst2.sock"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let o = migrate(&api2, port2, &key)?;
+    let refused = String::from_utf8_lossy(&o.stderr).into_owned();
+    if o.status.code() != Some(1) || !refused.contains("not there yet") {
+        return Err(format!("VM with a disk: {:?}: {refused}", o.status).into());
+    }
+    let (code, _) = dst2.end(Duration::from_secs(10))?;
+    if code != Some(2) {
+        return Err(format!("the receiver of a refused VM: {code:?}").into());
+    }
+    let now = src2.last.get().unwrap_or(2);
+    src2.ticks_to(now + 3, Duration::from_secs(10))?;
+    let (code, err) = src2.stop()?;
+    if code != Some(143) || err.contains("panicked") {
+        return Err(format!("source with a disk: {code:?}\n{err}").into());
     }
     eprintln!("no receiver: refused; wrong key: {}", said.trim());
     Ok(())

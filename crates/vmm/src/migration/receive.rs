@@ -73,8 +73,25 @@ impl Vmm {
         config.seccomp = opts.seccomp;
         // Limits are this host's business (the supervisor's cgroup), not the sender's.
         config.limits = None;
-        if config.disks.iter().any(|d| !d.read_only) {
-            return Err(bad("the offered VM has writable disks: not there yet"));
+        // Host resources are this host's to name: a sender (even one holding the key) must
+        // not make this VMM open its paths as disks, attach to its taps or create sockets
+        // where it says. Until `keel receive` can map them, such VMs are refused.
+        let mut needs = Vec::new();
+        if !config.disks.is_empty() {
+            needs.push("disks");
+        }
+        if !config.nets.is_empty() {
+            needs.push("network interfaces");
+        }
+        if config.vsock.is_some() {
+            needs.push("a vsock device");
+        }
+        if !needs.is_empty() {
+            return Err(bad(format!(
+                "the offered VM has {}: this host would have to name them, which `keel \
+                 receive` cannot do yet; refusing rather than using the sender's host paths",
+                needs.join(", ")
+            )));
         }
         validate_memory(&config)?;
         let cgroup = join_cgroup(&config)?;
@@ -103,7 +120,7 @@ impl Vmm {
         if (saved.config.vcpus, saved.config.memory) != (config.vcpus, config.memory) {
             return Err(bad("the state does not match the offered machine"));
         }
-        let disks = crate::devices::open_disks(&config)?;
+        let disks = crate::devices::open_disks(&config)?; // none (see above)
         tracing::info!("migration: {pages_in} pages in; building the VM");
         let mut vmm =
             Self::restore_machine(&saved, hv, vm, config.clone(), ram, disks, cgroup, io)?;

@@ -53,15 +53,15 @@ impl Snapshotter {
         let start = Instant::now();
         let goes_on = |e: String| format!("{e}; the VM goes on here");
         let key = hex_key(&req.key_hex).map_err(goes_on)?;
-        if let Some(i) = self
-            .disks
-            .iter()
-            .position(|d| !d.control.image().read_only())
-        {
-            return Err(goes_on(format!(
-                "disk {i} is writable: migrating writable disks (shared storage or copied) is \
-                 not there yet"
-            )));
+        // What the destination cannot take yet (see `receive`): refused before the guest
+        // is paused at all.
+        let c = &self.config;
+        if !c.disks.is_empty() || !c.nets.is_empty() || c.vsock.is_some() {
+            return Err(goes_on(
+                "the VM has disks, network interfaces or vsock: migrating those (their host \
+                 side named by the destination) is not there yet"
+                    .into(),
+            ));
         }
         let mut fds = fds.into_iter();
         let (Some(fd), None) = (fds.next(), fds.next()) else {
@@ -181,7 +181,11 @@ impl Snapshotter {
         ch.flush().map_err(e)?;
         match ch.recv().map_err(e)? {
             Message::Resumed => Ok(sent),
-            Message::Abort(why) => Err(format!("the destination refused the VM: {why}")),
+            Message::Abort(why) => {
+                // A refusal is a clear no: the VM does not run there, it may go on here.
+                *state_sent = false;
+                Err(format!("the destination refused the VM: {why}"))
+            }
             other => Err(format!("the destination answered {other:?}")),
         }
     }
