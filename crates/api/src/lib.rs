@@ -49,6 +49,9 @@ pub enum Request {
 pub struct MigrateRequest {
     /// The pre-shared migration key, hex (the control socket is the host operator's).
     pub key_hex: String,
+    /// How long the guest may be paused for the last copy: pre-copy goes on until what is
+    /// left fits, at the bandwidth measured.
+    pub downtime_ms: u64,
 }
 
 /// What `migrate` did.

@@ -25,6 +25,10 @@ pub struct MigrateArgs {
     /// The pre-shared key both ends hold (at least 16 bytes).
     #[arg(long, value_name = "FILE")]
     migration_key: PathBuf,
+    /// The longest the guest may be paused: pre-copy goes on while the guest runs until
+    /// what is left fits, at the bandwidth measured (VMs without virtio devices for now).
+    #[arg(long, value_name = "MS", default_value_t = 30)]
+    downtime_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -93,7 +97,10 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
         return ExitCode::from(1);
     }
     let reply = client.call_with_fds(
-        &Request::Migrate(MigrateRequest { key_hex }),
+        &Request::Migrate(MigrateRequest {
+            key_hex,
+            downtime_ms: args.downtime_ms,
+        }),
         &[stream.as_raw_fd()],
     );
     drop(stream);

@@ -35,6 +35,8 @@ pub const KVM_SIGNAL_MSI: u64 = kvm(WRITE, 0xa5, size_of::<kb::kvm_msi>());
 pub const KVM_IRQ_LINE: u64 = kvm(WRITE, 0x61, size_of::<kb::kvm_irq_level>());
 pub const KVM_SET_USER_MEMORY_REGION: u64 =
     kvm(WRITE, 0x46, size_of::<kb::kvm_userspace_memory_region>());
+/// A migration's pre-copy reads (and so clears) the dirty-page log.
+pub const KVM_GET_DIRTY_LOG: u64 = kvm(WRITE, 0x42, size_of::<kb::kvm_dirty_log>());
 
 /// TUNSETOFFLOAD: a NIC's offloads change when its driver (re)activates it.
 pub const TUNSETOFFLOAD: u64 = ioc(WRITE, b'T' as u32, 208, size_of::<u32>());
@@ -79,7 +81,9 @@ pub const VMM: &[u64] = &[
     KVM_IRQFD,
     KVM_SIGNAL_MSI,
     KVM_IRQ_LINE,
+    // A migration turns the dirty-page log on and off (slot flags) and reads it.
     KVM_SET_USER_MEMORY_REGION,
+    KVM_GET_DIRTY_LOG,
     TUNSETOFFLOAD,
     TUNSETVNETHDRSZ,
     FIONBIO,

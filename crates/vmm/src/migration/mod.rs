@@ -5,13 +5,13 @@
 //!   destination's guest memory, every page number checked against its RAM.
 //! - [`plan`]: when pre-copy has converged: the pages still dirty, at the bandwidth measured
 //!   so far, fit the downtime budget.
-//! - `send`: the sender, on the event loop (stop-and-copy for now: the VM is paused, its
-//!   memory and state go, it stops here once the destination runs it).
+//! - `send`: the sender, on the event loop: pre-copy rounds with KVM's dirty log while the
+//!   guest runs (VMs without virtio devices, whose host-side writes are not tracked yet),
+//!   then the rest with the guest paused, the state, and the stop once the destination runs
+//!   it.
 //! - [`receive`]: the receiver, which builds the VM from the stream.
 
 pub(crate) mod pages;
-// Pre-copy rounds (dirty pages while the guest runs) are what use it next.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod plan;
 mod receive;
 

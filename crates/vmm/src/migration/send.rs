@@ -14,6 +14,18 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+/// Pre-copy rounds before the sender gives up converging and copies what is left paused.
+const MAX_ROUNDS: u32 = 30;
+
+/// The guest pages KVM logged as written since the last look (clearing the log).
+fn dirty_pages(vm: &Vm) -> Result<Vec<u64>, String> {
+    let logs = vm.take_dirty_log().map_err(|e| e.to_string())?;
+    Ok(logs
+        .iter()
+        .flat_map(|l| l.pages().map(|gpa| gpa / keel_migration::PAGE as u64))
+        .collect())
+}
+
 /// How long the sender waits on the destination at any step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -85,33 +97,68 @@ impl Snapshotter {
         let json = serde_json::to_vec(&offer).map_err(|e| goes_on(e.to_string()))?;
         ch.send(&Message::Config(json)).map_err(e)?;
 
+        // Pre-copy while the guest runs needs every write to guest memory logged. KVM logs
+        // the guest's; virtio devices write from the host side, which is not tracked yet, so
+        // a VM with devices is copied whole while paused.
+        let precopy = self.devices.is_empty();
+        let mut plan = super::plan::Plan::new(Duration::from_millis(req.downtime_ms), MAX_ROUNDS);
+        let mut sent = pages::Sent::default();
+        let mut carried = Vec::new();
+        if precopy {
+            let rounds = self.precopy(vm, sh, &mut ch, &mut plan, &mut sent);
+            match rounds {
+                Ok(left) => carried = left,
+                Err(why) => {
+                    let _ = vm.set_dirty_logging(false);
+                    let _ = ch.send(&Message::Abort(why.clone()));
+                    tracing::warn!("migration failed, the VM goes on here: {why}");
+                    return Err(goes_on(why));
+                }
+            }
+        }
+
         let was_paused = sh.pause.is_paused();
         if !was_paused {
-            sh.pause
+            if let Err(e) = sh
+                .pause
                 .pause(|| sh.running_vcpus(), crate::pause::PAUSE_TIMEOUT)
-                .map_err(goes_on)?;
+            {
+                let _ = vm.set_dirty_logging(false);
+                return Err(goes_on(e));
+            }
         }
         let paused_at = Instant::now();
         let mut paused_devices = Vec::new();
         let mut state_sent = false;
-        let result = self.send_paused(vm, sh, &mut ch, &mut paused_devices, &mut state_sent);
+        let result = self.send_paused(
+            vm,
+            sh,
+            &mut ch,
+            &mut paused_devices,
+            &mut state_sent,
+            precopy.then_some(carried),
+        );
         let downtime = paused_at.elapsed();
+        if precopy {
+            let _ = vm.set_dirty_logging(false);
+        }
         match result {
-            Ok(sent) => {
+            Ok(last) => {
                 // The destination runs the VM: this one never runs again.
                 sh.stop.request(ExitReason::Migrated);
                 let reply = MigrateReply {
                     total_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
                     downtime_us: u64::try_from(downtime.as_micros()).unwrap_or(u64::MAX),
                     bytes_sent: ch.sent_bytes,
-                    rounds: 1,
-                    data_pages: sent.data_pages,
-                    zero_pages: sent.zero_pages,
+                    rounds: plan.rounds() + 1,
+                    data_pages: sent.data_pages + last.data_pages,
+                    zero_pages: sent.zero_pages + last.zero_pages,
                 };
                 tracing::info!(
-                    "migrated: {} MiB sent in {:.1} ms, guest paused {:.1} ms",
+                    "migrated: {} MiB sent in {:.1} ms over {} rounds, guest paused {:.1} ms",
                     reply.bytes_sent >> 20,
                     reply.total_us as f64 / 1000.0,
+                    reply.rounds,
                     reply.downtime_us as f64 / 1000.0
                 );
                 Ok(reply)
@@ -139,21 +186,55 @@ impl Snapshotter {
         }
     }
 
-    /// With the vCPUs paused: the machine state, every page the guest has, the state; then
-    /// the destination's word.
-    fn send_paused(
+    /// Pre-copy, with the guest running: KVM's dirty log on, every page the process has,
+    /// then rounds of the pages dirtied meanwhile until what is left fits the budget at the
+    /// bandwidth measured (or the rounds run out). Returns the pages dirtied in the last
+    /// look, not sent yet.
+    fn precopy(
         &mut self,
         vm: &Vm,
         sh: &Shared,
         ch: &mut Channel<TcpStream>,
-        paused_devices: &mut Vec<std::sync::Arc<std::sync::Mutex<keel_virtio::VirtioPciDevice>>>,
-        state_sent: &mut bool,
-    ) -> Result<pages::Sent, String> {
+        plan: &mut super::plan::Plan,
+        sent: &mut pages::Sent,
+    ) -> Result<Vec<u64>, String> {
         let e = |e: keel_migration::Error| e.to_string();
-        let saved = self.capture_machine(vm, sh, paused_devices)?;
-        // Pages never touched are zero on the destination too: only those this process has
-        // (a restored VM's memory may still be in its snapshot: every page, read through the
-        // pager).
+        vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
+        // Logged from here on: anything written while a round reads goes again.
+        vm.take_dirty_log().map_err(|e| e.to_string())?;
+        let mut list = self.present_pages(sh)?;
+        loop {
+            let t = Instant::now();
+            let before = ch.sent_bytes;
+            let s = pages::send(ch, &sh.mem, list)?;
+            sent.data_pages += s.data_pages;
+            sent.zero_pages += s.zero_pages;
+            plan.record(ch.sent_bytes - before, t.elapsed());
+            ch.send(&Message::RoundEnd {
+                round: plan.rounds(),
+                pages: s.data_pages + s.zero_pages,
+            })
+            .map_err(e)?;
+            list = dirty_pages(vm)?;
+            match plan.next(list.len() as u64) {
+                super::plan::Next::Round => continue,
+                super::plan::Next::StopAndCopy | super::plan::Next::NotConverging => {
+                    tracing::info!(
+                        "migration: {} pre-copy rounds, {} pages left for the pause (estimated {:?})",
+                        plan.rounds(),
+                        list.len(),
+                        plan.estimate(list.len() as u64)
+                    );
+                    return Ok(list);
+                }
+            }
+        }
+    }
+
+    /// The pages this process has (never-touched pages are zero on the destination too; a
+    /// restored VM's memory may still be in its snapshot: then every page, read through the
+    /// pager).
+    fn present_pages(&self, sh: &Shared) -> Result<Vec<u64>, String> {
         let mut list = Vec::new();
         for region in sh.mem.iter() {
             let first = region.start_addr().0 / keel_migration::PAGE as u64;
@@ -174,6 +255,32 @@ impl Snapshotter {
                     .map(|(i, _)| first + i as u64),
             );
         }
+        Ok(list)
+    }
+
+    /// With the vCPUs paused: the machine state, the pages left (after pre-copy: those it
+    /// carried and those dirtied since; else every page the process has), the state; then the
+    /// destination's word.
+    fn send_paused(
+        &mut self,
+        vm: &Vm,
+        sh: &Shared,
+        ch: &mut Channel<TcpStream>,
+        paused_devices: &mut Vec<std::sync::Arc<std::sync::Mutex<keel_virtio::VirtioPciDevice>>>,
+        state_sent: &mut bool,
+        carried: Option<Vec<u64>>,
+    ) -> Result<pages::Sent, String> {
+        let e = |e: keel_migration::Error| e.to_string();
+        let saved = self.capture_machine(vm, sh, paused_devices)?;
+        let list = match carried {
+            Some(mut left) => {
+                left.extend(dirty_pages(vm)?);
+                left.sort_unstable();
+                left.dedup();
+                left
+            }
+            None => self.present_pages(sh)?,
+        };
         let sent = pages::send(ch, &sh.mem, list)?;
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
         *state_sent = true;
