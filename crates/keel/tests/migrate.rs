@@ -324,6 +324,91 @@ fn a_failed_migration_leaves_the_source_running() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A receiver played by the test: takes one connection on `port` and drops it at `phase`.
+fn dying_receiver(port: u16, key: Vec<u8>, phase: &'static str) -> std::thread::JoinHandle<String> {
+    use keel_migration::{Channel, Message, Role};
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return "no connection".into();
+        };
+        if phase == "greeting" {
+            return "dropped before the greeting".into();
+        }
+        let Ok(mut ch) = Channel::handshake(stream, Role::Receiver, &key) else {
+            return "handshake failed".into();
+        };
+        let mut seen = Vec::new();
+        loop {
+            let m = match ch.recv() {
+                Ok(m) => m,
+                Err(e) => return format!("{phase}: {e} after {seen:?}"),
+            };
+            let kind = match &m {
+                Message::Config(_) => "config",
+                Message::Pages { .. } => "pages",
+                Message::Zeros { .. } => "zeros",
+                Message::RoundEnd { .. } => "round end",
+                Message::State(_) => "state",
+                _ => "other",
+            };
+            if seen.last() != Some(&kind) {
+                seen.push(kind);
+            }
+            let stop = match phase {
+                "handshake" => true,
+                "first round" => kind == "pages",
+                "mid rounds" => kind == "round end",
+                // The paused copy is done: the state is here; no `Ready`.
+                "stop-and-copy" => kind == "state",
+                _ => false,
+            };
+            if stop {
+                return format!("dropped at {phase} after {seen:?}");
+            }
+        }
+    })
+}
+
+/// Line 3: the receiver dies at each phase (greeting, handshake, first round, mid-rounds,
+/// stop-and-copy: before it was told to run the VM); each time the source's guest goes on.
+fn a_receiver_dying_at_any_phase_leaves_the_source_running() -> Result<(), Failed> {
+    let dir = support::Scratch::new("migrate-die")?;
+    let key = dir.path("key");
+    let key_bytes = b"the key both ends hold in this test".to_vec();
+    std::fs::write(&key, &key_bytes).map_err(|e| e.to_string())?;
+    let src_api = dir.path("src.sock");
+    let src = Vm::source(&src_api)?;
+    wait_socket(&src_api)?;
+    src.ticks_to(3, Duration::from_secs(20))?;
+    let mut report = Vec::new();
+    for phase in [
+        "greeting",
+        "handshake",
+        "first round",
+        "mid rounds",
+        "stop-and-copy",
+    ] {
+        let port = port();
+        let rx = dying_receiver(port, key_bytes.clone(), phase);
+        let o = migrate(&src_api, port, &key)?;
+        let said = String::from_utf8_lossy(&o.stderr).into_owned();
+        let what = rx.join().unwrap_or_default();
+        if o.status.code() != Some(1) || !said.contains("goes on here") {
+            return Err(format!("{phase} ({what}): {:?}: {said}", o.status).into());
+        }
+        let now = src.last.get().unwrap_or(0);
+        let more = src.ticks_to(now + 3, Duration::from_secs(10))?;
+        report.push(format!("{what}: source ticked on to {:?}", more.last()));
+    }
+    let (code, err) = src.stop()?;
+    if code != Some(143) || err.contains("panicked") {
+        return Err(format!("source: {code:?}\n{err}").into());
+    }
+    eprintln!("{}", report.join("\n"));
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
@@ -334,6 +419,10 @@ fn main() {
         Trial::test(
             "a_failed_migration_leaves_the_source_running",
             a_failed_migration_leaves_the_source_running,
+        ),
+        Trial::test(
+            "a_receiver_dying_at_any_phase_leaves_the_source_running",
+            a_receiver_dying_at_any_phase_leaves_the_source_running,
         ),
     ];
     let host = support::Host::probe();

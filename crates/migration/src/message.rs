@@ -18,6 +18,8 @@ const ROUND_END: u8 = 4;
 const STATE: u8 = 5;
 const RESUMED: u8 = 6;
 const ABORT: u8 = 7;
+const READY: u8 = 8;
+const GO: u8 = 9;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -29,10 +31,14 @@ pub enum Message {
     Zeros { first_page: u64, count: u64 },
     /// The end of pre-copy round `round`, which sent `pages` pages.
     RoundEnd { round: u32, pages: u64 },
-    /// Sender → receiver, last: the paused VM's vCPU and device state (JSON); the sender
-    /// stays paused until [`Message::Resumed`].
+    /// Sender → receiver, last of the VM: the paused VM's vCPU and device state (JSON).
     State(Vec<u8>),
-    /// Receiver → sender: the VM runs here now; the sender must never resume.
+    /// Receiver → sender: the VM is built and its state restored; it runs on [`Message::Go`].
+    Ready,
+    /// Sender → receiver: the sender has stopped for good; run the VM. (The commit: before
+    /// it the sender may resume, after it never.)
+    Go,
+    /// Receiver → sender: the VM runs here now.
     Resumed,
     /// Either way: the migration is off, and why.
     Abort(String),
@@ -122,6 +128,8 @@ impl Message {
                 v.extend_from_slice(b);
             }
             Message::Resumed => v.push(RESUMED),
+            Message::Ready => v.push(READY),
+            Message::Go => v.push(GO),
             Message::Abort(why) => {
                 v.push(ABORT);
                 v.extend_from_slice(clip_reason(why).as_bytes());
@@ -188,6 +196,8 @@ impl Message {
             },
             STATE => Message::State(blob(r.rest(), "a state")?),
             RESUMED => Message::Resumed,
+            READY => Message::Ready,
+            GO => Message::Go,
             ABORT => {
                 let b = r.rest();
                 if b.len() > MAX_REASON {
@@ -228,6 +238,8 @@ mod tests {
             },
             Message::State(vec![b'x'; 100]),
             Message::Resumed,
+            Message::Ready,
+            Message::Go,
             Message::Abort("the destination has too little memory".into()),
         ];
         for m in all {

@@ -29,8 +29,9 @@ pub struct ReceiveOptions {
 
 impl Vmm {
     /// Waits for one sender on `opts.listen`, checks its key, builds the VM it offers, fills
-    /// guest memory with the pages it sends and restores the state it sends last. The sender
-    /// is told the VM runs here when [`Vmm::run`] has started its vCPUs.
+    /// guest memory with the pages it sends and restores the state it sends last; says it is
+    /// ready and returns only on the sender's go (it has stopped for good). The sender is
+    /// told the VM runs here when [`Vmm::run`] has started its vCPUs.
     pub fn receive(opts: ReceiveOptions, io: VmIo) -> Result<Vmm, VmmError> {
         let listener = TcpListener::bind(opts.listen)
             .map_err(|e| bad(format!("cannot listen on {}: {e}", opts.listen)))?;
@@ -129,6 +130,18 @@ impl Vmm {
             .iter()
             .map(|d| (d.path.clone(), false))
             .collect();
-        Ok(vmm)
+        // Built; it runs only once the sender has stopped for good.
+        ch.send(&Message::Ready)
+            .and_then(|()| ch.flush())
+            .map_err(bad)?;
+        match ch.recv() {
+            Ok(Message::Go) => Ok(vmm),
+            Ok(other) => Err(bad(format!(
+                "the sender did not commit ({other:?}): not running the VM"
+            ))),
+            Err(e) => Err(bad(format!(
+                "{e}; the sender did not commit: not running the VM"
+            ))),
+        }
     }
 }

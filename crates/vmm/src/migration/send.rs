@@ -52,9 +52,10 @@ fn hex_key(s: &str) -> Result<Vec<u8>, String> {
 }
 
 impl Snapshotter {
-    /// Moves the VM over `fds[0]` (a connected TCP stream). Before the state is sent any
-    /// failure leaves the VM running here; after it, without the destination's word, the VM
-    /// stays paused here (it may run there: never both).
+    /// Moves the VM over `fds[0]` (a connected TCP stream). Until the destination is told to
+    /// run the VM (`Go`, after it said it is `Ready`) any failure leaves the VM running here;
+    /// after it, without the destination's word that it runs, the VM stays paused here (it
+    /// may run there: never both).
     pub(crate) fn migrate(
         &mut self,
         vm: &Vm,
@@ -129,13 +130,13 @@ impl Snapshotter {
         }
         let paused_at = Instant::now();
         let mut paused_devices = Vec::new();
-        let mut state_sent = false;
+        let mut committed = false;
         let result = self.send_paused(
             vm,
             sh,
             &mut ch,
             &mut paused_devices,
-            &mut state_sent,
+            &mut committed,
             precopy.then_some(carried),
         );
         let downtime = paused_at.elapsed();
@@ -163,11 +164,11 @@ impl Snapshotter {
                 );
                 Ok(reply)
             }
-            Err(why) if state_sent => {
+            Err(why) if committed => {
                 tracing::error!("migration: {why}; the VM stays paused here");
                 Err(format!(
-                    "{why}; the state was sent, so the VM may run on the destination: it stays \
-                     paused here (`keel resume` only if it does not run there)"
+                    "{why}; the destination was told to run the VM, so it may run there: it \
+                     stays paused here (`keel resume` only if it does not run there)"
                 ))
             }
             Err(why) => {
@@ -267,7 +268,7 @@ impl Snapshotter {
         sh: &Shared,
         ch: &mut Channel<TcpStream>,
         paused_devices: &mut Vec<std::sync::Arc<std::sync::Mutex<keel_virtio::VirtioPciDevice>>>,
-        state_sent: &mut bool,
+        committed: &mut bool,
         carried: Option<Vec<u64>>,
     ) -> Result<pages::Sent, String> {
         let e = |e: keel_migration::Error| e.to_string();
@@ -283,17 +284,23 @@ impl Snapshotter {
         };
         let sent = pages::send(ch, &sh.mem, list)?;
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
-        *state_sent = true;
         ch.send(&Message::State(state)).map_err(e)?;
         ch.flush().map_err(e)?;
         match ch.recv().map_err(e)? {
+            Message::Ready => {}
+            Message::Abort(why) => return Err(format!("the destination refused the VM: {why}")),
+            other => return Err(format!("the destination answered {other:?}")),
+        }
+        // The commit. A destination runs the VM only on this word: until it is written, any
+        // failure lets the VM go on here (a frame cut short never decrypts there); once
+        // written, this VM never runs again on its own.
+        ch.send(&Message::Go).and_then(|()| ch.flush()).map_err(e)?;
+        *committed = true;
+        match ch.recv().map_err(e)? {
             Message::Resumed => Ok(sent),
-            Message::Abort(why) => {
-                // A refusal is a clear no: the VM does not run there, it may go on here.
-                *state_sent = false;
-                Err(format!("the destination refused the VM: {why}"))
-            }
-            other => Err(format!("the destination answered {other:?}")),
+            other => Err(format!(
+                "the destination did not confirm it runs the VM ({other:?})"
+            )),
         }
     }
 }
