@@ -71,14 +71,22 @@ fn usage(e: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Both verbs' `--migration-key` and address (`flag` names the address's option); a bad one
+/// is a usage error.
+fn key_and_address(
+    key: &PathBuf,
+    addr: &str,
+    flag: &str,
+) -> Result<(Vec<u8>, SocketAddr), ExitCode> {
+    let key = read_key(key).map_err(usage)?;
+    let addr = address(addr, flag).map_err(usage)?;
+    Ok((key, addr))
+}
+
 pub fn migrate(args: MigrateArgs) -> ExitCode {
-    let key = match read_key(&args.migration_key) {
-        Ok(k) => k,
-        Err(e) => return usage(e),
-    };
-    let to = match address(&args.to, "--to") {
-        Ok(a) => a,
-        Err(e) => return usage(e),
+    let (key, to) = match key_and_address(&args.migration_key, &args.to, "--to") {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     let mut client = match Client::connect(&args.vm) {
         Ok(c) => c,
@@ -130,13 +138,9 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
 }
 
 pub fn receive(args: ReceiveArgs) -> ExitCode {
-    let key = match read_key(&args.migration_key) {
-        Ok(k) => k,
-        Err(e) => return usage(e),
-    };
-    let listen = match address(&args.listen, "--listen") {
-        Ok(a) => a,
-        Err(e) => return usage(e),
+    let (key, listen) = match key_and_address(&args.migration_key, &args.listen, "--listen") {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     // The machine comes from the sender; the supervisor only needs what is this host's.
     let mut config = VmConfig::new("/nonexistent/received-by-migration");
