@@ -238,12 +238,12 @@ def report(args, vmms, sizes, runs, results, unavailable, skipped, cmdline, keel
     checked = {m: [r for r in ok("keel", m) if r.get("t_check") is not None] for m in sizes}
     if any(checked.values()):
         out.append("Keel's memory after a restore (medians): the checker beside the guest "
-                   "checked every chunk not used yet in "
+                   "checked and filled every chunk in "
                    + ", ".join(f"{size_label(m)} {ms(med([r['t_check'] for r in checked[m]]))} ms"
                                for m in sizes if checked[m])
-                   + "; by then the guest had used "
+                   + "; by then the guest's faults had brought in "
                    + ", ".join(f"{size_label(m)} {fmt(med([r['pager_chunks'] for r in checked[m]]), 0)} "
-                               f"chunks ({fmt(med([r['pager_mib'] for r in checked[m]]), 1)} MiB, "
+                               f"chunks ({fmt(med([r['pager_mib'] for r in checked[m]]), 1)} MiB copied in all, "
                                f"{ms(med([r['pager_busy'] for r in checked[m]]))} ms serving faults)"
                                for m in sizes if checked[m]) + ".\n")
     reported = [r for m in sizes for r in results.get(("keel", m), [])

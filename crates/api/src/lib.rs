@@ -186,16 +186,16 @@ pub struct VmInfo {
 pub struct PagerInfo {
     /// Page faults served.
     pub faults: u64,
-    /// Chunks of the snapshot's memory read, checked and copied in on first use.
+    /// Chunks of the snapshot's memory a fault was the first to need (read and checked).
     pub chunks_loaded: u64,
     /// Chunks the snapshot's memory has.
     pub chunks: u64,
-    /// Bytes of non-zero pages copied into guest memory.
+    /// Bytes of non-zero pages copied into guest memory (on faults and by the checker).
     pub bytes_copied: u64,
     /// Time spent serving faults, in microseconds.
     pub busy_us: u64,
-    /// How long the checker beside the guest took to check every chunk not used yet, in
-    /// microseconds (`None` while it runs).
+    /// How long the checker beside the guest took to check every chunk and fill what the
+    /// guest had not touched, in microseconds (`None` while it runs).
     pub checked_in_us: Option<u64>,
 }
 

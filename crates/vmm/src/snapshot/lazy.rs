@@ -11,12 +11,13 @@
 //! match stops the VM: no byte the check did not pass reaches the guest, and changing the
 //! memory file under a running VM changes nothing the guest sees.
 //!
-//! Only pages the guest touches are copied, so a restore costs the same for any guest size
-//! and an idle guest stays small. Which pages were filled is kept (a bit per page): one
-//! filled and missing again was given back through the balloon and reads as zeros, and a
-//! snapshot of the VM takes the pages never filled from the part. Beside the guest, a checker
-//! thread reads and checks the chunks nobody used yet, so a corrupted snapshot is still
-//! refused within moments of its start even where the guest never looks.
+//! Nothing is copied before the guest asks, so a restore costs the same for any guest size.
+//! Which pages were filled is kept (a bit per page): one filled and missing again was given
+//! back through the balloon and reads as zeros, and a snapshot of the VM takes the pages never
+//! filled from the part. Beside the guest, a checker thread goes through every chunk, checks
+//! it and fills what the guest has not touched: a corrupted snapshot is still refused within
+//! moments of its start even where the guest never looks, and no page stays missing longer
+//! than that pass.
 
 use crate::exit::ExitReason;
 use crate::memory::GuestRam;
@@ -273,7 +274,7 @@ impl LazyMemory {
 
     /// The cache slot of chunk `chunk`, read and checked if it is not there; `None` if it
     /// failed its check (the VM is stopping).
-    fn cached(&self, loader: &mut Loader, chunk: u64) -> Option<usize> {
+    fn cached(&self, loader: &mut Loader, chunk: u64, on_fault: bool) -> Option<usize> {
         if let Some(i) = loader.cache.iter().position(|c| c.chunk == chunk) {
             let c = loader.cache.remove(i);
             loader.cache.push(c);
@@ -291,7 +292,7 @@ impl LazyMemory {
         };
         match digest {
             Ok(d) if self.digests.get(chunk as usize) == Some(&d) => {
-                if first {
+                if first && on_fault {
                     self.chunks_loaded.fetch_add(1, Ordering::Relaxed);
                 }
                 loader.cache.push(Cached { chunk, buf });
@@ -315,7 +316,7 @@ impl LazyMemory {
         let page = PAGE as u64;
         let start = (offset - offset % WINDOW).max(seg.file);
         let end = (start + WINDOW).min(seg.file + seg.len).min(self.len);
-        let slot = self.cached(loader, chunk);
+        let slot = self.cached(loader, chunk, true);
         let Loader { filled, cache, .. } = loader;
         let bytes_of = |off: u64| -> Option<&[u8]> {
             let c = cache.get(slot?)?;
@@ -375,30 +376,38 @@ impl LazyMemory {
         Ok(())
     }
 
-    /// On the checker thread: checks every chunk the pager has not, until `quit`.
+    /// On the checker thread: checks every chunk and fills what the guest has not touched
+    /// yet, chunk by chunk, until `quit`. Beside the lazy start this bounds how long any
+    /// page stays missing: after it, guest memory is all in place (and a corrupted chunk
+    /// found even where the guest never looks).
     pub(crate) fn check_unused(&self, quit: &AtomicBool) {
         let t = Instant::now();
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut extents = Vec::new();
-        let mut checked = 0u64;
+        let page = PAGE as u64;
         for chunk in 0..self.digests.len() as u64 {
             if quit.load(Ordering::Relaxed) || self.failure.get().is_some() {
                 return;
             }
-            if self.was_checked(chunk) {
-                continue;
+            // One chunk at a time under the loader: a fault meanwhile waits for a chunk's
+            // worth of copying at most.
+            let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
+            if self.cached(&mut loader, chunk, false).is_none() {
+                return; // failed its check: the VM is stopping
             }
-            match keel_snapshot::read_chunk_data(
-                &self.file,
-                self.len,
-                chunk,
-                &mut buf,
-                &mut extents,
-            ) {
-                Ok(d) if self.digests.get(chunk as usize) == Some(&d) => checked += 1,
-                Ok(_) => return self.fail(self.corrupted(chunk)),
-                Err(e) => {
-                    return self.fail(format!("cannot read snapshot memory chunk {chunk}: {e}"))
+            let (start, end) = (chunk * CHUNK, ((chunk + 1) * CHUNK).min(self.len));
+            let segments: Vec<Segment> = self
+                .segments
+                .iter()
+                .filter(|s| s.file < end && start < s.file + s.len)
+                .copied()
+                .collect();
+            for seg in segments {
+                let mut off = start.max(seg.file);
+                let last = end.min(seg.file + seg.len);
+                while off < last {
+                    if let Err(e) = self.fill_window(&mut loader, &seg, off) {
+                        return self.fail(format!("cannot fill guest memory: {e}"));
+                    }
+                    off = (off - off % WINDOW + WINDOW).max(off + page);
                 }
             }
         }
@@ -408,14 +417,9 @@ impl LazyMemory {
             Ordering::Relaxed,
         );
         tracing::info!(
-            "snapshot memory checked beside the guest: {checked} unused chunks in {:.1} ms",
+            "snapshot memory checked and filled beside the guest in {:.1} ms",
             took.as_secs_f64() * 1000.0
         );
-    }
-
-    fn was_checked(&self, chunk: u64) -> bool {
-        let loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-        loader.checked.get(chunk as usize).copied().unwrap_or(true)
     }
 
     /// By page of the part, a bit each: whether it was ever put in guest memory (for a

@@ -291,3 +291,35 @@ fn faults_on_chunks_being_filled_are_served_once_each_and_none_is_lost() {
     assert_eq!(s.bytes_copied, hi - lo, "{s:?}");
     assert!(lazy.failure().is_none());
 }
+
+#[test]
+fn the_checker_fills_what_the_guest_never_touched() {
+    let (_src, _tmp, out, saved) = source();
+    let (ram, lazy) = restore(SIZE, &out, saved.chunks).unwrap();
+    lazy.check_unused(&AtomicBool::new(false));
+    assert!(lazy.failure().is_none());
+    let s = lazy.stats();
+    assert!(s.checked_in_us.is_some());
+    assert_eq!(
+        s.bytes_copied,
+        5 * PAGE as u64,
+        "the data pages, once: {s:?}"
+    );
+    // Every page is in place: reads fault no more (a pager runs only to be sure of that).
+    let _serving = serve(&lazy);
+    for a in MARKS {
+        assert_eq!(
+            ram.all.read_obj::<u64>(GuestAddress(a)).unwrap(),
+            a ^ 0x5a5a
+        );
+    }
+    assert_eq!(
+        ram.all.read_obj::<u64>(GuestAddress(0x100_0000)).unwrap(),
+        0
+    );
+    assert_eq!(idle_stats(&lazy).faults, 0, "no page was missing any more");
+    assert!(
+        lazy.filled_pages().iter().all(|w| *w == u64::MAX),
+        "every page filled"
+    );
+}
