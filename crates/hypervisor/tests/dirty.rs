@@ -2,6 +2,8 @@
 //! pages between two port writes, and the log holds exactly the pages it wrote in each
 //! stretch, not the ones the host wrote. Needs /dev/kvm (reported ignored without).
 
+mod common;
+
 use keel_hypervisor::{Hypervisor, MemorySlot, VcpuExit};
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -121,23 +123,10 @@ fn dirty_log_holds_what_the_guest_wrote() -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let mut trials = vec![Trial::test(
+    let trials = vec![Trial::test(
         "dirty_log_holds_what_the_guest_wrote",
         dirty_log_holds_what_the_guest_wrote,
     )];
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!(
-            "\n*** SKIPPING {} dirty-log tests: /dev/kvm: {e} ***\n",
-            trials.len()
-        );
-        trials = trials
-            .into_iter()
-            .map(|t| t.with_ignored_flag(true))
-            .collect();
-    }
+    let trials = common::skip_without_kvm(trials, "dirty-log tests");
     libtest_mimic::run(&args, trials).exit();
 }

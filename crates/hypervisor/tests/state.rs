@@ -1,6 +1,8 @@
 //! vCPU state survives a save, a trip through serde, and a restore into a vCPU of a fresh
 //! VM: what snapshots and migration will stand on. Needs /dev/kvm (reported ignored without).
 
+mod common;
+
 use keel_hypervisor::{Hypervisor, Vcpu, VcpuState};
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -128,26 +130,13 @@ fn vm_round_trip() -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let mut trials = vec![
+    let trials = vec![
         Trial::test("vcpu_state_survives_save_serde_and_restore", round_trip),
         Trial::test(
             "vm_irqchip_pit_and_clock_survive_save_serde_and_restore",
             vm_round_trip,
         ),
     ];
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!(
-            "\n*** SKIPPING {} vCPU state tests: /dev/kvm: {e} ***\n",
-            trials.len()
-        );
-        trials = trials
-            .into_iter()
-            .map(|t| t.with_ignored_flag(true))
-            .collect();
-    }
+    let trials = common::skip_without_kvm(trials, "vCPU state tests");
     libtest_mimic::run(&args, trials).exit();
 }

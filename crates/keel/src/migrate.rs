@@ -99,7 +99,7 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let key_hex = key.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = keel_migration::key_to_hex(&key);
     if let Err(e) = client.set_timeout(None) {
         eprintln!("keel: {e}");
         return ExitCode::from(1);

@@ -12,6 +12,22 @@ mod channel;
 mod message;
 
 pub use channel::{Channel, Role, KEY_MIN};
+
+/// A pre-shared key as hex, for a control request that carries it.
+pub fn key_to_hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pre-shared key from [`key_to_hex`]; `None` for anything but pairs of hex digits.
+pub fn key_from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 pub use message::{Message, MAX_BLOB, MAX_RUN_PAGES, PAGE};
 
 /// The largest frame (plaintext) a channel carries: a full run of pages and its header.
@@ -47,3 +63,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// The stream's protocol version.
 pub const VERSION: u32 = 1;
+
+#[cfg(test)]
+mod key_tests {
+    #[test]
+    fn keys_travel_as_hex_and_nothing_else_decodes() {
+        let key = b"\x00\xffkey";
+        assert_eq!(
+            super::key_from_hex(&super::key_to_hex(key)).as_deref(),
+            Some(&key[..])
+        );
+        for bad in ["", "abc", "zz", "0g", "é0"] {
+            assert_eq!(super::key_from_hex(bad), None, "{bad:?}");
+        }
+    }
+}

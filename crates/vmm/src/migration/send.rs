@@ -37,20 +37,6 @@ pub(crate) struct Offer {
     pub host_kind: String,
 }
 
-fn hex_key(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) || s.is_empty() {
-        return Err("the migration key is not hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-                .ok_or_else(|| "the migration key is not hex".to_string())
-        })
-        .collect()
-}
-
 impl Snapshotter {
     /// Moves the VM over `fds[0]` (a connected TCP stream). Until the destination is told to
     /// run the VM (`Go`, after it said it is `Ready`) any failure leaves the VM running here;
@@ -65,7 +51,8 @@ impl Snapshotter {
     ) -> Result<MigrateReply, String> {
         let start = Instant::now();
         let goes_on = |e: String| format!("{e}; the VM goes on here");
-        let key = hex_key(&req.key_hex).map_err(goes_on)?;
+        let key = keel_migration::key_from_hex(&req.key_hex)
+            .ok_or_else(|| goes_on("the migration key is not hex".into()))?;
         // What the destination cannot take yet (see `receive`): refused before the guest
         // is paused at all.
         let c = &self.config;

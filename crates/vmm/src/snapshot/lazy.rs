@@ -63,11 +63,17 @@ struct Loader {
     spare: Vec<Vec<u8>>,
 }
 
-impl Loader {
-    fn is_filled(&self, page: u64) -> bool {
-        self.filled
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+/// Bit `page` of a page bitmap (`None` past its end).
+pub(crate) fn page_bit(bits: &[u64], page: u64) -> Option<bool> {
+    bits.get((page / 64) as usize)
+        .map(|w| w & (1 << (page % 64)) != 0)
+}
+
+fn set_page_bits(bits: &mut [u64], pages: std::ops::Range<u64>) {
+    for p in pages {
+        if let Some(w) = bits.get_mut((p / 64) as usize) {
+            *w |= 1 << (p % 64);
+        }
     }
 }
 
@@ -248,7 +254,7 @@ impl LazyMemory {
         let offset = seg.file + (page - seg.host);
         let chunk = offset / CHUNK;
         let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
-        let result = if loader.is_filled(offset / PAGE as u64) {
+        let result = if page_bit(&loader.filled, offset / PAGE as u64) == Some(true) {
             // Filled once and missing again: the balloon gave it back. Zeros, as for any
             // fresh page.
             self.uffd
@@ -329,11 +335,7 @@ impl LazyMemory {
         let mut off = start;
         while off <= end {
             let next = if off < end {
-                let index = off / page;
-                let done = filled
-                    .get((index / 64) as usize)
-                    .is_some_and(|w| w & (1 << (index % 64)) != 0);
-                if done {
+                if page_bit(filled, off / page) == Some(true) {
                     None
                 } else {
                     let bytes = bytes_of(off);
@@ -354,11 +356,7 @@ impl LazyMemory {
                         let n = self.uffd.copy(host, &data).map_err(|e| e.to_string())?;
                         self.bytes_copied.fetch_add(n, Ordering::Relaxed);
                     }
-                    for p in from / page..off / page {
-                        if let Some(w) = filled.get_mut((p / 64) as usize) {
-                            *w |= 1 << (p % 64);
-                        }
-                    }
+                    set_page_bits(filled, from / page..off / page);
                     data.clear();
                     run = None;
                 }

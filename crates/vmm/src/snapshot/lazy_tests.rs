@@ -67,6 +67,17 @@ fn idle_stats(lazy: &LazyMemory) -> keel_api::PagerInfo {
 }
 
 const SIZE: u64 = 64 << 20;
+
+/// Every mark of [`source`] reads back from `ram`.
+fn assert_marks(ram: &crate::memory::GuestRam) {
+    for a in MARKS {
+        assert_eq!(
+            ram.all.read_obj::<u64>(GuestAddress(a)).unwrap(),
+            a ^ 0x5a5a,
+            "{a:#x}"
+        );
+    }
+}
 /// Marks in chunks 0, 0, 7 and 15 of the part (guest-physical holes come out of it), one in
 /// the ROM (chunk 0), and a touched page zero again.
 const MARKS: [u64; 4] = [0x1000, 0x10_0000, 0x200_0123, SIZE - 8];
@@ -111,12 +122,7 @@ fn saved_memory_comes_back_on_first_use_checked_and_private() {
 
     let (ram, lazy) = restore(SIZE, &out, saved.chunks.clone()).unwrap();
     let _serving = serve(&lazy);
-    for a in MARKS {
-        assert_eq!(
-            ram.all.read_obj::<u64>(GuestAddress(a)).unwrap(),
-            a ^ 0x5a5a
-        );
-    }
+    assert_marks(&ram);
     assert_eq!(
         ram.all
             .read_obj::<u16>(GuestAddress(layout::ROM_START))
@@ -307,12 +313,7 @@ fn the_checker_fills_what_the_guest_never_touched() {
     );
     // Every page is in place: reads fault no more (a pager runs only to be sure of that).
     let _serving = serve(&lazy);
-    for a in MARKS {
-        assert_eq!(
-            ram.all.read_obj::<u64>(GuestAddress(a)).unwrap(),
-            a ^ 0x5a5a
-        );
-    }
+    assert_marks(&ram);
     assert_eq!(
         ram.all.read_obj::<u64>(GuestAddress(0x100_0000)).unwrap(),
         0

@@ -90,12 +90,8 @@ enum Stored<'a> {
 impl FromPart<'_> {
     /// The page at `offset` of the part, if the guest never used it (read and checked).
     fn page(&mut self, offset: u64) -> std::io::Result<Stored<'_>> {
-        let index = offset / PAGE as u64;
-        let filled = self
-            .filled
-            .get((index / 64) as usize)
-            .is_none_or(|w| w & (1 << (index % 64)) != 0);
-        if filled {
+        // Past the bitmap: not the part's (guest memory decides).
+        if super::lazy::page_bit(&self.filled, offset / PAGE as u64) != Some(false) {
             return Ok(Stored::InGuest);
         }
         let chunk = offset / CHUNK;
