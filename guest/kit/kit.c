@@ -473,7 +473,7 @@ void kit_main(u64 info, int proto) {
         {"ticks", test_ticks},
         {"blk-read-rate", test_blk_read_rate},
         {"chaos", test_chaos},               {"blk-soak", test_blk_soak},
-        {"snapcount", test_snapcount},
+        {"snapcount", test_snapcount},       {"migrate", test_migrate},
     };
     current = "none";
     for (unsigned i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {

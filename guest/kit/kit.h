@@ -70,4 +70,7 @@ void lapic_enable(void);
 #define KIT_TIMEOUT_VECTOR 0x41
 void sleep_until_irq(u32 us);
 
+/* ---- tests in files of their own ---- */
+void test_migrate(struct boot *b);     /* migrate.c */
+
 #endif

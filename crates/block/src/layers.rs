@@ -41,6 +41,48 @@ fn downgrade(fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
     }
 }
 
+/// Hands a writable image over to another process (a live migration's destination, on
+/// shared storage): flushes it and drops its exclusive lock. The caller stops writing it
+/// until [`take_back`] (the migration failed) or for good.
+pub fn hand_over(image: &Arc<dyn DiskImage>) -> Result<()> {
+    if image.read_only() {
+        return Ok(());
+    }
+    image.flush()?;
+    if let Some(fd) = image.lock_fd() {
+        // SAFETY: flock only reads the fd, which the image keeps open for this call.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+    }
+    Ok(())
+}
+
+/// Takes the exclusive lock of an image [`hand_over`] let go back, waiting up to `wait`
+/// for the process it went to (if it took it) to let go.
+pub fn take_back(image: &Arc<dyn DiskImage>, wait: std::time::Duration) -> Result<()> {
+    if image.read_only() {
+        return Ok(());
+    }
+    let Some(fd) = image.lock_fd() else {
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock only reads the fd, which the image keeps open for this call.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) => return Ok(()),
+            Some(libc::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => return Err(Error::io(&image.id(), "flock(LOCK_EX)", 0, e)),
+        }
+    }
+}
+
 /// Opens the qcow2 overlay in `file` (created with [`crate::create_qcow2_overlay_in`], or
 /// a frozen layer of a snapshot) over `backing`, which the caller opened: the backing name
 /// in the overlay's header is not followed. `path` names it in messages and locks.
@@ -88,6 +130,24 @@ mod tests {
             .create_new(true)
             .open(p)
             .unwrap()
+    }
+
+    #[test]
+    fn a_handed_over_image_can_be_opened_elsewhere_and_taken_back_after() {
+        let d = dir("handover");
+        let path = d.join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let rw = OpenOptions::default();
+        let img = open_image(&path, &rw).unwrap();
+        assert!(matches!(open_image(&path, &rw), Err(Error::Locked { .. })));
+        hand_over(&img).unwrap();
+        let there = open_image(&path, &rw).expect("the destination opens it");
+        let short = std::time::Duration::from_millis(100);
+        assert!(take_back(&img, short).is_err(), "held over there");
+        drop(there);
+        take_back(&img, short).unwrap();
+        assert!(matches!(open_image(&path, &rw), Err(Error::Locked { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

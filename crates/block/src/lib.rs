@@ -36,7 +36,7 @@ pub use engine::{
     Completion, EngineConfig, EngineKind, IoEngine, Request, RequestKind, ThreadHook,
 };
 pub use error::{Error, Result};
-pub use layers::{freeze, open_overlay};
+pub use layers::{freeze, hand_over, open_overlay, take_back};
 pub use qcow2::{create_qcow2, create_qcow2_overlay, create_qcow2_overlay_in, Qcow2Image};
 pub use raw::RawImage;
 

@@ -7,6 +7,7 @@
 //! the stream is authenticated and encrypted (`docs/migration.md`).
 
 use keel_api::{Client, MigrateRequest, Reply, Request};
+use keel_vmm::device_config::{DiskConfig, NetConfig, VsockConfig};
 use keel_vmm::migration::ReceiveOptions;
 use keel_vmm::{VmConfig, Vmm};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -26,7 +27,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "FILE")]
     migration_key: PathBuf,
     /// The longest the guest may be paused: pre-copy goes on while the guest runs until
-    /// what is left fits, at the bandwidth measured (VMs without virtio devices for now).
+    /// what is left fits, at the bandwidth measured.
     #[arg(long, value_name = "MS", default_value_t = 30)]
     downtime_ms: u64,
 }
@@ -42,6 +43,19 @@ pub struct ReceiveArgs {
     /// Listen for control requests on this Unix socket once the VM runs here.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// This host's side of each of the VM's disks, in its order, as `keel run --disk` takes
+    /// it. Shared storage: the image the VM writes (its top layer), which the sender lets go
+    /// of once paused; size and readonly= must be the VM's.
+    #[arg(long = "disk", value_name = "path=IMG,...", value_parser = DiskConfig::parse)]
+    disks: Vec<DiskConfig>,
+    /// This host's tap for each of the VM's network interfaces, in its order, as `keel run
+    /// --net` takes it (the MAC is the guest's; it is announced here once the VM runs).
+    #[arg(long = "net", value_name = "tap=NAME,...", value_parser = NetConfig::parse)]
+    nets: Vec<NetConfig>,
+    /// This host's socket for the VM's vsock device (cid= must be the VM's). Connections
+    /// open on the sender's side do not move.
+    #[arg(long, value_name = "cid=N,...", value_parser = VsockConfig::parse)]
+    vsock: Option<VsockConfig>,
     #[command(flatten)]
     confinement: crate::Confinement,
 }
@@ -151,6 +165,9 @@ pub fn receive(args: ReceiveArgs) -> ExitCode {
         key,
         api_socket: args.api_socket,
         seccomp: config.seccomp,
+        disks: args.disks,
+        nets: args.nets,
+        vsock: args.vsock,
     };
     let build: crate::jailed::Build = Box::new(move |_config, io| Vmm::receive(opts, io));
     crate::launch(config, build, args.confinement)

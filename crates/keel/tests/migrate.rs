@@ -48,8 +48,13 @@ impl Vm {
         let (tx, ticks) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                // The tick guest's "KIT: tick N", the disk guest's "KIT: count=N tsc=T".
                 let n = line
                     .strip_prefix("KIT: tick ")
+                    .or_else(|| {
+                        line.strip_prefix("KIT: count=")
+                            .and_then(|r| r.split(' ').next())
+                    })
                     .and_then(|n| n.trim().parse().ok());
                 if let Some(n) = n {
                     if tx.send(n).is_err() {
@@ -225,6 +230,74 @@ fn ticks_go_on_on_the_destination() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A guest that writes a sector of `disk` every tick and reads back the one before (kit
+/// `snapcount`), with an rng device too, and an API socket.
+fn disk_guest(disk: &Path, api: &Path) -> Command {
+    let mut cmd = keel();
+    cmd.args([
+        "run",
+        "--kernel",
+        &KitImage::PvhElf.path().display().to_string(),
+    ])
+    .args(["--cmdline", "test=snapcount secs=0", "--memory", "64M"])
+    .args(["--disk", &format!("path={}", disk.display()), "--rng"])
+    .args([
+        "--shutdown-timeout",
+        "0",
+        "--api-socket",
+        &api.display().to_string(),
+    ]);
+    cmd
+}
+
+/// Line 1 (disk part, on one host's shared storage): a guest writing its disk every tick is
+/// pre-copied with its devices running (their writes to guest memory are tracked), hands
+/// the disk over and goes on on the destination with the next count, reading back there
+/// the sector it wrote last on the source.
+fn a_vm_with_a_disk_moves_on_shared_storage() -> Result<(), Failed> {
+    let dir = support::Scratch::new("migrate-disk")?;
+    let key = dir.path("key");
+    std::fs::write(&key, b"a migration key for the disk test").map_err(|e| e.to_string())?;
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
+    let (src_api, dst_api) = (dir.path("src.sock"), dir.path("dst.sock"));
+    let port = port();
+    let dst = Vm::spawn(keel().args([
+        "receive",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--migration-key",
+        &key.display().to_string(),
+        "--api-socket",
+        &dst_api.display().to_string(),
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]))?;
+    let src = Vm::spawn(&mut disk_guest(&disk, &src_api))?;
+    wait_socket(&src_api)?;
+    src.ticks_to(5, Duration::from_secs(20))?;
+    let o = migrate(&src_api, port, &key)?;
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    if !o.status.success() || !said.contains("migrated to") {
+        return Err(format!("keel migrate: {:?}: {said}", o.status).into());
+    }
+    let (src_status, src_err) = src_end(src)?;
+    if src_status.0 != Some(0) {
+        return Err(format!("source: {:?}\n{src_err}", src_status.0).into());
+    }
+    let last = src_status.1;
+    let on_dst = dst.ticks_to(last + 10, Duration::from_secs(10))?;
+    if on_dst.first() != Some(&(last + 1)) || on_dst.windows(2).any(|w| w[1] != w[0] + 1) {
+        return Err(format!("source ended at count {last}; destination counted {on_dst:?}").into());
+    }
+    let (code, err) = dst.stop()?;
+    if code != Some(143) || err.contains("panicked") || err.contains("KIT-FAIL") {
+        return Err(format!("destination: {code:?}\n{err}").into());
+    }
+    eprintln!("{}; source's last count {last}", said.trim());
+    Ok(())
+}
+
 /// The source's end: its status and stderr, and its last tick.
 fn src_end(mut src: Vm) -> Result<((Option<i32>, u32), String), Failed> {
     let (code, err) = src.end(Duration::from_secs(10))?;
@@ -280,26 +353,12 @@ fn a_failed_migration_leaves_the_source_running() -> Result<(), Failed> {
     if code != Some(143) || err.contains("panicked") {
         return Err(format!("source: {code:?}\n{err}").into());
     }
-    // A VM with a disk is refused before its guest is paused (the destination would have to
-    // name the disk's host side); it ticks on.
+    // A VM with a disk the receiver does not name is refused before anything moves; it
+    // ticks on.
     let disk = dir.path("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
     let api2 = dir.path("src2.sock");
-    let mut cmd = keel();
-    cmd.args([
-        "run",
-        "--kernel",
-        &KitImage::PvhElf.path().display().to_string(),
-    ])
-    .args(["--cmdline", "test=ticks secs=120", "--memory", "64M"])
-    .args(["--disk", &format!("path={},readonly=on", disk.display())])
-    .args([
-        "--shutdown-timeout",
-        "0",
-        "--api-socket",
-        &api2.display().to_string(),
-    ]);
-    let src2 = Vm::spawn(&mut cmd)?;
+    let src2 = Vm::spawn(&mut disk_guest(&disk, &api2))?;
     wait_socket(&api2)?;
     src2.ticks_to(2, Duration::from_secs(20))?;
     let port2 = self::port();
@@ -307,7 +366,10 @@ fn a_failed_migration_leaves_the_source_running() -> Result<(), Failed> {
     std::thread::sleep(Duration::from_millis(300));
     let o = migrate(&api2, port2, &key)?;
     let refused = String::from_utf8_lossy(&o.stderr).into_owned();
-    if o.status.code() != Some(1) || !refused.contains("not there yet") {
+    if o.status.code() != Some(1)
+        || !refused.contains("this side names 0")
+        || !refused.contains("goes on here")
+    {
         return Err(format!("VM with a disk: {:?}: {refused}", o.status).into());
     }
     let (code, _) = dst2.end(Duration::from_secs(10))?;
@@ -354,6 +416,17 @@ fn dying_receiver(port: u16, key: Vec<u8>, phase: &'static str) -> std::thread::
             };
             if seen.last() != Some(&kind) {
                 seen.push(kind);
+            }
+            if let Message::RoundEnd { .. } = &m {
+                if phase != "mid rounds" && ch.send(&m).and_then(|()| ch.flush()).is_err() {
+                    return "could not echo a round".into();
+                }
+            }
+            if kind == "config" && phase != "handshake" {
+                // It can take the machine (what a real receiver says first).
+                if ch.send(&Message::Ready).and_then(|()| ch.flush()).is_err() {
+                    return "could not accept the offer".into();
+                }
             }
             let stop = match phase {
                 "handshake" => true,
@@ -415,6 +488,10 @@ fn main() {
         Trial::test(
             "ticks_go_on_on_the_destination",
             ticks_go_on_on_the_destination,
+        ),
+        Trial::test(
+            "a_vm_with_a_disk_moves_on_shared_storage",
+            a_vm_with_a_disk_moves_on_shared_storage,
         ),
         Trial::test(
             "a_failed_migration_leaves_the_source_running",

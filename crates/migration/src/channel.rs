@@ -11,7 +11,7 @@
 //! frame failing.
 
 use crate::{Error, Result, MAX_FRAME, VERSION};
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -68,6 +68,10 @@ pub struct Channel<S> {
     /// Frames and bytes sent and received (ciphertext), for the summary.
     pub sent_bytes: u64,
     pub received_bytes: u64,
+    /// The frame being sealed, and the last one opened: kept, so a stream of 1 MiB frames
+    /// allocates (and faults in) its buffers once.
+    sbuf: Vec<u8>,
+    rbuf: Vec<u8>,
 }
 
 fn random(buf: &mut [u8]) -> Result<()> {
@@ -162,6 +166,8 @@ impl<S: Read + Write> Channel<S> {
             },
             sent_bytes: GREETING as u64,
             received_bytes: GREETING as u64,
+            sbuf: Vec::new(),
+            rbuf: Vec::new(),
         };
         let mut transcript = Sha256::new();
         transcript.update(s_hello);
@@ -182,32 +188,48 @@ impl<S: Read + Write> Channel<S> {
 
     /// Sends one frame of at most [`MAX_FRAME`] bytes.
     pub fn send_frame(&mut self, plain: &[u8]) -> Result<()> {
-        if plain.len() > MAX_FRAME {
-            return Err(Error::FrameTooLarge(plain.len()));
+        self.begin_frame();
+        self.sbuf.extend_from_slice(plain);
+        self.seal_and_send()
+    }
+
+    /// Starts the next frame in `sbuf`: room for its length, then the plaintext is appended.
+    fn begin_frame(&mut self) {
+        self.sbuf.clear();
+        self.sbuf.extend_from_slice(&[0; 4]);
+    }
+
+    /// Encrypts the plaintext in `sbuf` in place, puts the length in front and the tag
+    /// behind, and writes the frame (one write).
+    fn seal_and_send(&mut self) -> Result<()> {
+        let plain = self.sbuf.len().saturating_sub(4);
+        if plain > MAX_FRAME {
+            return Err(Error::FrameTooLarge(plain));
         }
-        let len =
-            u32::try_from(plain.len() + TAG).map_err(|_| Error::FrameTooLarge(plain.len()))?;
+        let len = u32::try_from(plain + TAG).map_err(|_| Error::FrameTooLarge(plain))?;
         let aad = len.to_le_bytes();
         let nonce = self.send.nonce()?;
-        let sealed = self
+        let (head, body) = self.sbuf.split_at_mut(4);
+        head.copy_from_slice(&aad);
+        let tag = self
             .send
             .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plain,
-                    aad: &aad,
-                },
-            )
+            .encrypt_in_place_detached(&nonce, &aad, body)
             .map_err(|_| Error::Authentication)?;
-        self.stream.write_all(&aad).map_err(Error::Io)?;
-        self.stream.write_all(&sealed).map_err(Error::Io)?;
-        self.sent_bytes += (aad.len() + sealed.len()) as u64;
+        self.sbuf.extend_from_slice(&tag);
+        self.stream.write_all(&self.sbuf).map_err(Error::Io)?;
+        self.sent_bytes += self.sbuf.len() as u64;
         Ok(())
     }
 
     /// Receives one frame; [`Error::Closed`] if the peer closed the connection between frames.
     pub fn recv_frame(&mut self) -> Result<Vec<u8>> {
+        let n = self.open_next()?;
+        Ok(self.rbuf.get(..n).unwrap_or_default().to_vec())
+    }
+
+    /// Reads the next frame into `rbuf` and decrypts it there; the plaintext's length.
+    fn open_next(&mut self) -> Result<usize> {
         let mut aad = [0u8; 4];
         read_full(&mut self.stream, &mut aad, true)?;
         let len = u32::from_le_bytes(aad) as usize;
@@ -217,32 +239,45 @@ impl<S: Read + Write> Channel<S> {
         if len < TAG {
             return Err(Error::Authentication);
         }
-        let mut sealed = vec![0u8; len];
-        read_full(&mut self.stream, &mut sealed, false)?;
+        self.rbuf.resize(len, 0);
+        read_full(&mut self.stream, &mut self.rbuf, false)?;
         self.received_bytes += (4 + len) as u64;
         let nonce = self.recv.nonce()?;
+        let (body, tag) = self.rbuf.split_at_mut(len - TAG);
+        let tag = aes_gcm::Tag::clone_from_slice(tag);
         self.recv
             .cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &sealed,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::Authentication)
+            .decrypt_in_place_detached(&nonce, &aad, body, &tag)
+            .map_err(|_| Error::Authentication)?;
+        Ok(len - TAG)
     }
 
     /// Sends `m`.
     pub fn send(&mut self, m: &crate::Message) -> Result<()> {
-        let bytes = m.encode();
-        self.send_frame(&bytes)
+        self.begin_frame();
+        m.encode_into(&mut self.sbuf);
+        self.seal_and_send()
+    }
+
+    /// Sends guest pages from `first_page` on (what [`crate::Message::Pages`] carries),
+    /// without a copy of them in a message first.
+    pub fn send_pages(&mut self, first_page: u64, data: &[u8]) -> Result<()> {
+        self.begin_frame();
+        crate::message::encode_pages(&mut self.sbuf, first_page, data);
+        self.seal_and_send()
     }
 
     /// Receives the next message.
     pub fn recv(&mut self) -> Result<crate::Message> {
-        let f = self.recv_frame()?;
-        crate::Message::decode(&f)
+        let n = self.open_next()?;
+        crate::Message::decode(self.rbuf.get(..n).unwrap_or_default())
+    }
+
+    /// Receives the next message, guest pages left where they were decrypted: valid until
+    /// the next call.
+    pub fn recv_incoming(&mut self) -> Result<crate::Incoming<'_>> {
+        let n = self.open_next()?;
+        crate::Incoming::decode(self.rbuf.get(..n).unwrap_or_default())
     }
 
     /// Flushes what was written.

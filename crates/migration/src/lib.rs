@@ -28,7 +28,7 @@ pub fn key_from_hex(s: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
-pub use message::{Message, MAX_BLOB, MAX_RUN_PAGES, PAGE};
+pub use message::{Incoming, Message, MAX_BLOB, MAX_RUN_PAGES, PAGE};
 
 /// The largest frame (plaintext) a channel carries: a full run of pages and its header.
 pub const MAX_FRAME: usize = MAX_BLOB + 64;

@@ -102,17 +102,18 @@ const MAX_PAGE: u64 = 1 << 40;
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// Appends the encoding to `v` (reusing its allocation).
+    pub fn encode_into(&self, v: &mut Vec<u8>) {
         match self {
             Message::Config(b) => {
                 v.push(CONFIG);
                 v.extend_from_slice(b);
             }
-            Message::Pages { first_page, data } => {
-                v.reserve(9 + data.len());
-                v.push(PAGES);
-                v.extend_from_slice(&first_page.to_le_bytes());
-                v.extend_from_slice(data);
-            }
+            Message::Pages { first_page, data } => encode_pages(v, *first_page, data),
             Message::Zeros { first_page, count } => {
                 v.push(ZEROS);
                 v.extend_from_slice(&first_page.to_le_bytes());
@@ -135,11 +136,40 @@ impl Message {
                 v.extend_from_slice(clip_reason(why).as_bytes());
             }
         }
-        v
     }
 
     /// Decodes one frame's message (untrusted bytes: every field is checked).
     pub fn decode(frame: &[u8]) -> Result<Message> {
+        Ok(match Incoming::decode(frame)? {
+            Incoming::Pages { first_page, data } => Message::Pages {
+                first_page,
+                data: data.to_vec(),
+            },
+            Incoming::Other(m) => m,
+        })
+    }
+}
+
+/// `Pages { first_page, data }` encoded into `v` (after what it holds).
+pub(crate) fn encode_pages(v: &mut Vec<u8>, first_page: u64, data: &[u8]) {
+    v.reserve(9 + data.len());
+    v.push(PAGES);
+    v.extend_from_slice(&first_page.to_le_bytes());
+    v.extend_from_slice(data);
+}
+
+/// A message as received, guest pages left in the frame they came in (no copy).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// [`Message::Pages`], checked the same way.
+    Pages { first_page: u64, data: &'a [u8] },
+    /// Any other message.
+    Other(Message),
+}
+
+impl<'a> Incoming<'a> {
+    /// Decodes one frame's message (untrusted bytes: every field is checked).
+    pub fn decode(frame: &'a [u8]) -> Result<Incoming<'a>> {
         let (&kind, body) = frame.split_first().ok_or_else(|| bad("an empty frame"))?;
         let mut r = Reader(body);
         let blob = |b: &[u8], what: &str| -> Result<Vec<u8>> {
@@ -171,10 +201,7 @@ impl Message {
                 {
                     return Err(bad(format!("pages {first_page:#x}+{count} out of range")));
                 }
-                Message::Pages {
-                    first_page,
-                    data: data.to_vec(),
-                }
+                return Ok(Incoming::Pages { first_page, data });
             }
             ZEROS => {
                 let first_page = r.u64()?;
@@ -212,7 +239,7 @@ impl Message {
             k => return Err(bad(format!("unknown message type {k}"))),
         };
         r.end()?;
-        Ok(m)
+        Ok(Incoming::Other(m))
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Tap {
     created: bool,
     /// The offloads `set_offloads` last set, which `probe_offloads` puts back.
     offloads: AtomicU32,
+    /// The header size `set_vnet_hdr_size` last set (0: not set here).
+    hdr_len: AtomicU32,
 }
 
 impl Tap {
@@ -127,6 +129,7 @@ impl Tap {
             name: actual,
             created,
             offloads: AtomicU32::new(0),
+            hdr_len: AtomicU32::new(0),
         })
     }
 
@@ -154,7 +157,16 @@ impl Tap {
         // SAFETY: TUNSETVNETHDRSZ reads one int through its argument.
         unsafe { sys::ioctl_ptr(self.fd.as_fd(), sys::TUNSETVNETHDRSZ, &mut v) }
             .map_err(|e| self.ioctl_err("TUNSETVNETHDRSZ", e))?;
+        self.hdr_len.store(v as u32, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The header size as last set here, else as the kernel has it.
+    pub(crate) fn known_vnet_hdr_size(&self) -> Result<usize> {
+        match self.hdr_len.load(Ordering::Relaxed) {
+            0 => self.vnet_hdr_size(),
+            n => Ok(n as usize),
+        }
     }
 
     /// The current size of the virtio-net header in front of every frame.

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -579,6 +580,10 @@ fn release(mem: &GuestMemory, region: &RamRegion, first_pfn: u64, pages: u64, sh
     if unsafe { libc::madvise(host.cast(), len as usize, advice) } != 0 {
         let e = std::io::Error::last_os_error();
         tracing::debug!("balloon: madvise of {len} bytes at {first:#x?} failed: {e}");
+    }
+    // The pages read as zero now: a migration in progress sends them again.
+    if let Some((r, at)) = mem.to_region_addr(first) {
+        r.bitmap().mark_dirty(at.raw_value() as usize, len as usize);
     }
 }
 

@@ -29,8 +29,15 @@ pub use pci::{DeviceRuntime, IoEvents, VirtioPciDevice};
 pub use state::{DeviceState, SavedQueue, StateError, VirtioPciState};
 pub use worker::{EventHandler, Worker};
 
-/// Guest memory as every device sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+/// Guest memory as every device sees it. Every write through it marks the pages it touched
+/// in the region's bitmap: live migration's pre-copy resends what devices wrote (KVM's dirty
+/// log sees only the guest's own writes).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// A descriptor chain's device-readable buffers in [`GuestMemory`].
+pub type Reader<'a> = virtio_queue::Reader<'a, vm_memory::bitmap::MS<'a, GuestMemory>>;
+/// A descriptor chain's device-writable buffers in [`GuestMemory`] (writes mark the bitmap).
+pub type Writer<'a> = virtio_queue::Writer<'a, vm_memory::bitmap::MS<'a, GuestMemory>>;
 
 /// Virtio device types (virtio 1.2 §5).
 pub mod types {

@@ -4,6 +4,7 @@
 use super::super::MSIX_TABLE;
 use crate::block::Block;
 use crate::rng::Rng;
+use crate::GuestMemory as GuestMemoryMmap;
 use crate::{status, DeviceRuntime, IoEvents, StateError, VirtioDevice, VirtioPciDevice};
 use crate::{DeviceState, VirtioPciState};
 use keel_block::{DiskImage, EngineConfig, EngineKind, ImageFormat};
@@ -11,7 +12,7 @@ use keel_hypervisor::MsiMessage;
 use keel_pci::{BarAllocator, MsiRouter, PciDevice};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 1 << 20;
@@ -534,4 +535,44 @@ fn hostile_states_are_refused_with_a_reason() {
     }
     // And the untouched state restores.
     fresh().dev.restore_state(&good).unwrap();
+}
+
+/// The guest pages written through `mem` from the host side since the last call (clearing).
+fn written_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
+    use vm_memory::GuestMemoryBackend;
+    let mut pages = Vec::new();
+    for region in mem.iter() {
+        let map: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+        for (w, word) in map.bitmap().get_and_reset().into_iter().enumerate() {
+            pages.extend(
+                (0..64)
+                    .filter(|b| word >> b & 1 == 1)
+                    .map(|b| w as u64 * 64 + b),
+            );
+        }
+    }
+    pages
+}
+
+#[test]
+fn what_a_device_writes_into_guest_memory_is_marked_for_migration() {
+    let image = SlowImage::new(0x5a, Duration::ZERO);
+    let mut g = Guest::new(Box::new(block(image)), memory());
+    g.start(VERSION_1, 1);
+    let hdr = read_req(&mut g, 2, 3);
+    // What the driver wrote itself (here through the same memory) is not the device's.
+    written_pages(&g.mem);
+    g.kick(0);
+    g.wait_used(0, 1);
+    assert_eq!(
+        g.mem.read_obj::<u8>(GuestAddress(hdr + 0x100)).unwrap(),
+        0x5a
+    );
+    // The data and status (one page) and the used ring; not the request header's
+    // descriptors, the available ring or anything else.
+    let (_, _, used) = ring(0);
+    let mut want = vec![hdr / 4096, used / 4096];
+    want.sort_unstable();
+    assert_eq!(written_pages(&g.mem), want);
+    assert!(written_pages(&g.mem).is_empty());
 }

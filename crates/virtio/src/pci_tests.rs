@@ -3,10 +3,11 @@
 
 use super::*;
 use crate::rng::Rng;
+use crate::GuestMemory as GuestMemoryMmap;
 use keel_hypervisor::MsiMessage;
 use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 #[derive(Default)]
 struct FakeMsi {

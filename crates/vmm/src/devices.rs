@@ -2,6 +2,7 @@
 //! the virtio devices the configuration asks for.
 
 use crate::device_config::{DiskConfig, DiskFormat, NetConfig};
+use crate::memory::GuestMemoryMmap;
 use crate::{VmConfig, VmmError};
 use keel_arch::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
 use keel_devices::Bus;
@@ -12,7 +13,6 @@ use keel_pci::{
 use keel_rate_limiter::{Budget, RateLimitConfig};
 use keel_virtio::{DeviceRuntime, IoEvents, VirtioDevice, VirtioPciDevice};
 use std::sync::{Arc, Mutex};
-use vm_memory::GuestMemoryMmap;
 
 /// Host-side handles on devices that the VMM's control plane drives while the VM runs.
 #[derive(Default)]
@@ -29,6 +29,8 @@ pub(crate) struct DeviceHandles {
     pub disk_info: Vec<keel_api::DiskInfo>,
     /// The root bus (a restore re-reads every BAR the devices' restored state programs).
     pub root: Option<Arc<PciRoot>>,
+    /// The network interfaces' taps, in `--net` order.
+    pub taps: Vec<Arc<keel_net::Tap>>,
 }
 
 /// A disk's chain of images, opened.
@@ -178,7 +180,9 @@ pub(crate) fn build_pci(
         b.add(Box::new(block))?;
     }
     for net in &config.nets {
-        b.add(Box::new(net_device(net)?))?;
+        let dev = net_device(net)?;
+        b.handles.taps.push(dev.tap_handle());
+        b.add(Box::new(dev))?;
     }
     if config.rng {
         b.add(Box::new(keel_virtio::rng::Rng::new()))?;

@@ -1,9 +1,10 @@
 //! Human-readable vCPU state for fatal exits: registers and the code bytes at RIP.
 
+use crate::memory::GuestMemoryMmap;
 use keel_hypervisor::kvm_bindings::{kvm_regs, kvm_sregs};
 use keel_hypervisor::Vcpu;
 use std::fmt::Write;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CR0_PG: u64 = 1 << 31;
 const CODE_BYTES: usize = 16;

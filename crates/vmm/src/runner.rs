@@ -2,6 +2,7 @@
 //! feeds console input and waits for a stop.
 
 use crate::exit::{ExitReason, ExitStats, Outcome};
+use crate::memory::GuestMemoryMmap;
 use crate::report::describe_vcpu;
 use crate::{Vmm, VmmError};
 use keel_arch::layout::{ROM_SIZE, ROM_START};
@@ -13,7 +14,6 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The first stop request wins; later ones are ignored.
@@ -258,6 +258,37 @@ fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     }
 }
 
+/// When a migrated guest's MAC is announced after it starts running here: at once, then
+/// with growing gaps, for switches that missed the first (QEMU's default pattern).
+const ANNOUNCE_AT_MS: [u64; 5] = [0, 50, 150, 300, 500];
+
+/// Announces each guest MAC on its tap, from a thread of its own, so traffic follows the
+/// guest to this host (see `keel_net::rarp_announcement`).
+fn announce_moved(taps: Vec<(Arc<keel_net::Tap>, keel_net::MacAddr)>, seccomp: bool) {
+    let spawned = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            if let Err(e) = crate::confine::apply(seccomp, keel_seccomp::ThreadKind::Device) {
+                tracing::error!("announcing the migrated guest: {e}");
+                return;
+            }
+            let start = Instant::now();
+            for at in ANNOUNCE_AT_MS {
+                let wait = Duration::from_millis(at).saturating_sub(start.elapsed());
+                std::thread::sleep(wait);
+                for (tap, mac) in &taps {
+                    if let Err(e) = tap.announce(*mac) {
+                        tracing::warn!("announcing {mac} on {}: {e}", tap.name());
+                    }
+                }
+            }
+            tracing::debug!("announced {} address(es)", taps.len());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot announce the migrated guest's addresses: {e}");
+    }
+}
+
 impl Vmm {
     /// Runs the VM until the guest powers off or resets, a vCPU fails, or a stop is
     /// requested. Console input is fed on the calling thread.
@@ -275,6 +306,7 @@ impl Vmm {
         // thread that may touch guest memory.
         let lazy_memory = self.lazy_memory.take();
         let migration_ack = self.migration_ack.take();
+        let announce = std::mem::take(&mut self.announce);
         let _pager = match &lazy_memory {
             Some(lazy) => Some(crate::snapshot::lazy::PagerThreads::start(
                 lazy.clone(),
@@ -372,6 +404,9 @@ impl Vmm {
                     tracing::error!("migration: the VM runs here, but the sender was not told: {e}")
                 }
             }
+        }
+        if !announce.is_empty() {
+            announce_moved(announce, seccomp);
         }
         let console = Console::new(console_in, console_escape);
         let snapshots = snapshotter.as_mut().map(|s| (s, &vm));

@@ -2,6 +2,7 @@
 
 use crate::config::{format_size, host_memory, VmConfig};
 use crate::exit::ExitReason;
+use crate::memory::GuestMemoryMmap;
 use crate::runner::{Shared, StopState};
 use crate::{quirks, VmmError};
 use keel_arch::acpi::{self, AcpiConfig};
@@ -19,7 +20,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// COM1.
@@ -100,6 +101,9 @@ pub struct Vmm {
     pub(crate) restored_files: Vec<(PathBuf, bool)>,
     /// For a VM that arrived by migration: the stream, to tell the sender once it runs.
     pub(crate) migration_ack: Option<keel_migration::Channel<std::net::TcpStream>>,
+    /// For a VM that arrived by migration: each network interface's tap and the guest's
+    /// MAC on it, announced once it runs so traffic follows the guest here.
+    pub(crate) announce: Vec<(Arc<keel_net::Tap>, keel_net::MacAddr)>,
     /// For a VM restored from a snapshot: its memory, served on first use by the pager.
     pub(crate) lazy_memory: Option<Arc<crate::snapshot::lazy::LazyMemory>>,
     /// Left (and removed) when the VMM is dropped.
@@ -416,6 +420,7 @@ impl Assembly {
             snapshotter,
             disk_info,
             restored_files: Vec::new(),
+            announce: Vec::new(),
             lazy_memory: None,
             migration_ack: None,
             _cgroup: cgroup,

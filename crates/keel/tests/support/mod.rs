@@ -1,6 +1,8 @@
 //! What the guest-booting integration tests share: finding guest assets, and deciding which
 //! tests this host can run (and saying loudly why not).
 
+pub mod console;
+
 use libtest_mimic::Trial;
 use std::path::{Path, PathBuf};
 

@@ -376,6 +376,32 @@ fn frame_written_to_the_tap_reaches_the_host() {
 }
 
 #[test]
+fn an_announcement_reaches_the_host_as_the_guest_s_rarp() {
+    let Some(tap) = tap_or_skip("an_announcement_reaches_the_host_as_the_guest_s_rarp") else {
+        return;
+    };
+    tap.set_vnet_hdr_size(VNET_HDR_LEN).unwrap();
+    tap.bring_up().unwrap();
+    let sock = PacketSocket::bind(ifindex(tap.name()));
+    let mac: crate::MacAddr = "52:54:00:aa:bb:cc".parse().unwrap();
+    tap.announce(mac).unwrap();
+    let want = crate::rarp_announcement(mac);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "announcement never seen on the host side"
+        );
+        if let Some(n) = sock.recv(&mut buf) {
+            if buf[..n] == want[..] {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
 fn frame_sent_by_the_host_is_read_from_the_tap() {
     let Some(tap) = tap_or_skip("frame_sent_by_the_host_is_read_from_the_tap") else {
         return;

@@ -248,6 +248,12 @@ impl Net {
         self.mac
     }
 
+    /// The tap, for sending host-made frames as the guest's (a migrated guest's
+    /// announcement, [`Tap::announce`]).
+    pub fn tap_handle(&self) -> Arc<Tap> {
+        self.tap.clone()
+    }
+
     /// The tap's interface name.
     pub fn tap_name(&self) -> &str {
         self.tap.name()

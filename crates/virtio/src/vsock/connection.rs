@@ -369,7 +369,7 @@ impl Connection {
     /// Writes this connection's next packet for the guest into `w`, if it has one.
     /// Returns the bytes written (`None`: nothing to send) and what to do with the
     /// connection afterwards.
-    pub fn fill_rx(&mut self, w: &mut virtio_queue::Writer<'_>) -> (Option<u32>, Verdict) {
+    pub fn fill_rx(&mut self, w: &mut crate::Writer<'_>) -> (Option<u32>, Verdict) {
         if w.available_bytes() < HDR_LEN {
             return (None, Verdict::Keep);
         }

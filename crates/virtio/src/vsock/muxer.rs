@@ -475,7 +475,7 @@ impl Muxer {
         src_cid == self.guest_cid && dst_cid == HOST_CID
     }
 
-    fn guest_packet(&mut self, r: &mut virtio_queue::Reader<'_>) {
+    fn guest_packet(&mut self, r: &mut crate::Reader<'_>) {
         let mut raw = [0u8; HDR_LEN];
         if r.read_exact(&mut raw).is_err() {
             return; // shorter than a header
@@ -579,7 +579,7 @@ impl Muxer {
     }
 
     /// Writes the next packet into `w`; `None` when no packet can be sent now.
-    fn next_rx_packet(&mut self, w: &mut virtio_queue::Writer<'_>) -> Option<u32> {
+    fn next_rx_packet(&mut self, w: &mut crate::Writer<'_>) -> Option<u32> {
         loop {
             if let Some(rst) = self.rsts.pop_front() {
                 let bytes = rst.to_bytes();

@@ -12,16 +12,31 @@ fn channels() -> (Channel<UnixStream>, Channel<UnixStream>) {
     (s, r.join().unwrap())
 }
 
-/// Receives until `Resumed` (the test's end marker), applying pages; returns the messages'
-/// page counts.
+/// Receives until `Resumed` (the test's end marker), applying pages as the receiver does;
+/// returns the messages' page counts.
 fn receive(mut r: Channel<UnixStream>, mem: GuestMemoryMmap) -> (GuestMemoryMmap, Vec<u64>) {
     let mut counts = Vec::new();
+    let filler = Filler::new(&mem);
     loop {
-        match r.recv().unwrap() {
-            Message::Resumed => return (mem, counts),
-            m => counts.push(apply(&mem, &m).unwrap()),
+        match r.recv_incoming().unwrap() {
+            Incoming::Other(Message::Resumed) => break,
+            m => counts.push(filler.apply(&m).unwrap()),
         }
     }
+    drop(filler);
+    (mem, counts)
+}
+
+/// One message applied by a filler of its own.
+fn apply(mem: &GuestMemoryMmap, m: &Message) -> Result<u64, String> {
+    let m = match m {
+        Message::Pages { first_page, data } => Incoming::Pages {
+            first_page: *first_page,
+            data,
+        },
+        other => Incoming::Other(other.clone()),
+    };
+    Filler::new(mem).apply(&m)
 }
 
 #[test]

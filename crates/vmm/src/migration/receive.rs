@@ -5,10 +5,11 @@
 
 use super::pages;
 use super::send::Offer;
+use crate::device_config::{DiskConfig, NetConfig, VsockConfig};
 use crate::snapshot::format::parse_migration_state;
 use crate::vm::{create_vm, join_cgroup, validate_memory};
 use crate::{VmConfig, VmIo, Vmm, VmmError};
-use keel_migration::{Channel, Message, Role};
+use keel_migration::{Channel, Incoming, Message, Role};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -25,6 +26,90 @@ pub struct ReceiveOptions {
     pub key: Vec<u8>,
     pub api_socket: Option<std::path::PathBuf>,
     pub seccomp: bool,
+    /// This host's side of the VM's disks, network interfaces and vsock device, in the
+    /// order the sender's VM has them (`keel run`'s syntax): one each, or the VM is refused.
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// Puts this host's side of every device into the offered machine: paths, taps, sockets and
+/// limits are this host's to name (a sender, even one holding the key, must not make this
+/// VMM open its paths or attach to its taps); what the guest sees (a disk's size and
+/// writability, a vsock CID) must be the same here. MAC addresses come with the device
+/// state.
+fn host_side(config: &mut VmConfig, offer: &Offer, opts: &ReceiveOptions) -> Result<(), VmmError> {
+    let count = |what: &str, flag: &str, offered: usize, named: usize| {
+        if offered == named {
+            return Ok(());
+        }
+        Err(bad(format!(
+            "the VM has {offered} {what}, this side names {named} (`keel receive {flag} ...` \
+             once for each, in the sender's order)"
+        )))
+    };
+    count("disk(s)", "--disk", config.disks.len(), opts.disks.len())?;
+    count(
+        "network interface(s)",
+        "--net",
+        config.nets.len(),
+        opts.nets.len(),
+    )?;
+    count(
+        "vsock device(s)",
+        "--vsock",
+        usize::from(config.vsock.is_some()),
+        usize::from(opts.vsock.is_some()),
+    )?;
+    for (i, (disk, mine)) in config.disks.iter_mut().zip(&opts.disks).enumerate() {
+        let theirs = offer.disks.get(i);
+        let read_only = theirs.map_or(disk.read_only, |d| d.read_only);
+        if mine.read_only != read_only {
+            return Err(bad(format!(
+                "disk {i} ({}) is {} in the VM; --disk {} says otherwise",
+                mine.path.display(),
+                if read_only { "read-only" } else { "read-write" },
+                if mine.read_only {
+                    "readonly=on"
+                } else {
+                    "without readonly=on"
+                },
+            )));
+        }
+        *disk = mine.clone();
+    }
+    for (net, mine) in config.nets.iter_mut().zip(&opts.nets) {
+        *net = NetConfig {
+            mac: None, // the device state's
+            ..mine.clone()
+        };
+    }
+    if let (Some(v), Some(mine)) = (config.vsock.as_mut(), &opts.vsock) {
+        if v.cid != mine.cid {
+            return Err(bad(format!(
+                "the VM's vsock CID is {}; --vsock cid={} (the guest knows its CID)",
+                v.cid, mine.cid
+            )));
+        }
+        *v = mine.clone();
+    }
+    Ok(())
+}
+
+/// The opened disks are the ones the VM had: same virtual size.
+fn same_disks(disks: &[crate::devices::OpenedDisk], offer: &Offer) -> Result<(), VmmError> {
+    for (i, (d, theirs)) in disks.iter().zip(&offer.disks).enumerate() {
+        let size = d.images.last().map_or(0, |img| img.size());
+        if size != theirs.size {
+            let layer = theirs.layers.last().map(|l| l.path.display().to_string());
+            return Err(bad(format!(
+                "disk {i}: {size} bytes here, {} bytes in the VM (writing {}): not the same disk",
+                theirs.size,
+                layer.unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Vmm {
@@ -69,31 +154,12 @@ impl Vmm {
                 .map_err(|e| bad(format!("the offered machine is malformed: {e}")))?,
             other => return Err(bad(format!("expected the machine first, got {other:?}"))),
         };
-        let mut config: VmConfig = offer.config;
+        let mut config: VmConfig = offer.config.clone();
         config.api_socket = opts.api_socket.clone();
         config.seccomp = opts.seccomp;
         // Limits are this host's business (the supervisor's cgroup), not the sender's.
         config.limits = None;
-        // Host resources are this host's to name: a sender (even one holding the key) must
-        // not make this VMM open its paths as disks, attach to its taps or create sockets
-        // where it says. Until `keel receive` can map them, such VMs are refused.
-        let mut needs = Vec::new();
-        if !config.disks.is_empty() {
-            needs.push("disks");
-        }
-        if !config.nets.is_empty() {
-            needs.push("network interfaces");
-        }
-        if config.vsock.is_some() {
-            needs.push("a vsock device");
-        }
-        if !needs.is_empty() {
-            return Err(bad(format!(
-                "the offered VM has {}: this host would have to name them, which `keel \
-                 receive` cannot do yet; refusing rather than using the sender's host paths",
-                needs.join(", ")
-            )));
-        }
+        host_side(&mut config, &offer, opts)?;
         validate_memory(&config)?;
         let cgroup = join_cgroup(&config)?;
         let (hv, vm) = create_vm(&config)?;
@@ -105,31 +171,62 @@ impl Vmm {
             )));
         }
         let ram = crate::memory::allocate(config.memory).map_err(bad)?;
+        // This host can take the machine: the memory may come.
+        ch.send(&Message::Ready)
+            .and_then(|()| ch.flush())
+            .map_err(bad)?;
         let mut pages_in = 0u64;
+        let started = std::time::Instant::now();
+        let filler = pages::Filler::new(&ram.all);
         let state = loop {
-            match ch.recv().map_err(bad)? {
-                m @ (Message::Pages { .. } | Message::Zeros { .. }) => {
-                    pages_in += pages::apply(&ram.all, &m).map_err(bad)?;
+            let m = ch.recv_incoming().map_err(bad)?;
+            match m {
+                Incoming::Pages { .. } | Incoming::Other(Message::Zeros { .. }) => {
+                    pages_in += filler.apply(&m).map_err(bad)?;
                 }
-                Message::RoundEnd { .. } => {}
-                Message::State(json) => break json,
-                Message::Abort(why) => return Err(bad(format!("the sender gave up: {why}"))),
-                other => return Err(bad(format!("unexpected {other:?}"))),
+                Incoming::Other(Message::RoundEnd { round, pages }) => {
+                    tracing::debug!(
+                        "migration: round {round} ({pages} pages) in after {:?}",
+                        started.elapsed()
+                    );
+                    // All of it is in place: the sender times its rounds by this echo.
+                    ch.send(&Message::RoundEnd { round, pages })
+                        .and_then(|()| ch.flush())
+                        .map_err(bad)?;
+                }
+                Incoming::Other(Message::State(json)) => break json,
+                Incoming::Other(Message::Abort(why)) => {
+                    return Err(bad(format!("the sender gave up: {why}")))
+                }
+                Incoming::Other(other) => return Err(bad(format!("unexpected {other:?}"))),
             }
         };
+        // Guest memory is the VMM's again (nothing waits on a missing page from here on).
+        drop(filler);
         let saved = parse_migration_state(&state).map_err(bad)?;
         if (saved.config.vcpus, saved.config.memory) != (config.vcpus, config.memory) {
             return Err(bad("the state does not match the offered machine"));
         }
-        let disks = crate::devices::open_disks(&config)?; // none (see above)
+        // Opened now, not before: until its state was sent the sender wrote them, and it
+        // held their locks (it lets go once its devices are paused and flushed).
+        let disks = crate::devices::open_disks(&config)?;
+        same_disks(&disks, &offer)?;
         tracing::info!("migration: {pages_in} pages in; building the VM");
+        let state_in = std::time::Instant::now();
         let mut vmm =
             Self::restore_machine(&saved, hv, vm, config.clone(), ram, disks, cgroup, io)?;
+        // The disks as `--disk` named them, for the jail.
         vmm.restored_files = config
             .disks
             .iter()
-            .map(|d| (d.path.clone(), false))
+            .map(|d| (d.path.clone(), !d.read_only))
             .collect();
+        let macs = saved.devices.iter().filter_map(|d| match &d.device {
+            keel_virtio::DeviceState::Net(n) => Some(n.mac),
+            _ => None,
+        });
+        vmm.announce = vmm.pci.taps.iter().cloned().zip(macs).collect();
+        tracing::debug!("migration: built in {:?}", state_in.elapsed());
         // Built; it runs only once the sender has stopped for good.
         ch.send(&Message::Ready)
             .and_then(|()| ch.flush())

@@ -7,24 +7,67 @@ use crate::exit::ExitReason;
 use crate::runner::Shared;
 use crate::snapshot::Snapshotter;
 use keel_api::{MigrateReply, MigrateRequest};
+use keel_block::DiskImage;
 use keel_hypervisor::Vm;
 use keel_migration::{Channel, Message, Role};
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// Pre-copy rounds before the sender gives up converging and copies what is left paused.
 const MAX_ROUNDS: u32 = 30;
 
-/// The guest pages KVM logged as written since the last look (clearing the log).
-fn dirty_pages(vm: &Vm) -> Result<Vec<u64>, String> {
+/// The guest pages written since the last look, clearing the logs: those KVM logged (the
+/// guest's own writes) and those written from the host side (devices, the balloon). Sorted,
+/// each once.
+fn dirty_pages(vm: &Vm, mem: &crate::memory::GuestMemoryMmap) -> Result<Vec<u64>, String> {
     let logs = vm.take_dirty_log().map_err(|e| e.to_string())?;
-    Ok(logs
+    let mut pages: Vec<u64> = logs
         .iter()
         .flat_map(|l| l.pages().map(|gpa| gpa / keel_migration::PAGE as u64))
-        .collect())
+        .collect();
+    pages.extend(crate::memory::take_host_written(mem));
+    pages.sort_unstable();
+    pages.dedup();
+    Ok(pages)
 }
+
+/// How long each step of the pause took, for the log.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Default for Steps {
+    fn default() -> Steps {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Steps {
+    fn mark(&mut self, what: &'static str) {
+        let now = Instant::now();
+        self.done.push((what, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (what, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{what} {:.1} ms", took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
+}
+
+type PausedDevice = Arc<Mutex<keel_virtio::VirtioPciDevice>>;
 
 /// How long the sender waits on the destination at any step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,6 +78,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Offer {
     pub config: crate::VmConfig,
     pub host_kind: String,
+    /// The disks as the VM has them now (size, writability, the layers it runs on).
+    #[serde(default)]
+    pub disks: Vec<keel_api::DiskInfo>,
 }
 
 impl Snapshotter {
@@ -53,16 +99,6 @@ impl Snapshotter {
         let goes_on = |e: String| format!("{e}; the VM goes on here");
         let key = keel_migration::key_from_hex(&req.key_hex)
             .ok_or_else(|| goes_on("the migration key is not hex".into()))?;
-        // What the destination cannot take yet (see `receive`): refused before the guest
-        // is paused at all.
-        let c = &self.config;
-        if !c.disks.is_empty() || !c.nets.is_empty() || c.vsock.is_some() {
-            return Err(goes_on(
-                "the VM has disks, network interfaces or vsock: migrating those (their host \
-                 side named by the destination) is not there yet"
-                    .into(),
-            ));
-        }
         let mut fds = fds.into_iter();
         let (Some(fd), None) = (fds.next(), fds.next()) else {
             return Err(goes_on(
@@ -81,29 +117,38 @@ impl Snapshotter {
         let offer = Offer {
             config: self.config.clone(),
             host_kind: self.host_kind.clone(),
+            disks: self
+                .disk_info
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
         let json = serde_json::to_vec(&offer).map_err(|e| goes_on(e.to_string()))?;
-        ch.send(&Message::Config(json)).map_err(e)?;
+        ch.send(&Message::Config(json))
+            .and_then(|()| ch.flush())
+            .map_err(e)?;
+        // The destination says whether it can take this machine before any memory moves.
+        match ch.recv().map_err(e)? {
+            Message::Ready => {}
+            Message::Abort(why) => {
+                return Err(goes_on(format!("the destination refused the VM: {why}")))
+            }
+            other => return Err(goes_on(format!("the destination answered {other:?}"))),
+        }
 
-        // Pre-copy while the guest runs needs every write to guest memory logged. KVM logs
-        // the guest's; virtio devices write from the host side, which is not tracked yet, so
-        // a VM with devices is copied whole while paused.
-        let precopy = self.devices.is_empty();
+        // Pre-copy while the guest runs: every write to guest memory is logged, the guest's
+        // by KVM, the devices' by the memory's bitmap.
         let mut plan = super::plan::Plan::new(Duration::from_millis(req.downtime_ms), MAX_ROUNDS);
         let mut sent = pages::Sent::default();
-        let mut carried = Vec::new();
-        if precopy {
-            let rounds = self.precopy(vm, sh, &mut ch, &mut plan, &mut sent);
-            match rounds {
-                Ok(left) => carried = left,
-                Err(why) => {
-                    let _ = vm.set_dirty_logging(false);
-                    let _ = ch.send(&Message::Abort(why.clone()));
-                    tracing::warn!("migration failed, the VM goes on here: {why}");
-                    return Err(goes_on(why));
-                }
+        let carried = match self.precopy(vm, sh, &mut ch, &mut plan, &mut sent) {
+            Ok(left) => left,
+            Err(why) => {
+                let _ = vm.set_dirty_logging(false);
+                let _ = ch.send(&Message::Abort(why.clone()));
+                tracing::warn!("migration failed, the VM goes on here: {why}");
+                return Err(goes_on(why));
             }
-        }
+        };
 
         let was_paused = sh.pause.is_paused();
         if !was_paused {
@@ -117,19 +162,18 @@ impl Snapshotter {
         }
         let paused_at = Instant::now();
         let mut paused_devices = Vec::new();
+        let mut handed_over = Vec::new();
         let mut committed = false;
         let result = self.send_paused(
             vm,
             sh,
             &mut ch,
-            &mut paused_devices,
+            (&mut paused_devices, &mut handed_over),
             &mut committed,
-            precopy.then_some(carried),
+            carried,
         );
         let downtime = paused_at.elapsed();
-        if precopy {
-            let _ = vm.set_dirty_logging(false);
-        }
+        let _ = vm.set_dirty_logging(false);
         match result {
             Ok(last) => {
                 // The destination runs the VM: this one never runs again.
@@ -160,6 +204,17 @@ impl Snapshotter {
             }
             Err(why) => {
                 let _ = ch.send(&Message::Abort(why.clone()));
+                drop(ch);
+                // The destination may have opened the disks: it lets go as it gives up.
+                for img in handed_over {
+                    if let Err(e) = keel_block::take_back(&img, STEP_TIMEOUT) {
+                        tracing::error!(
+                            "after a failed migration, disk {} could not be locked again \
+                             (is the destination still running it?): {e}",
+                            img.id()
+                        );
+                    }
+                }
                 for d in paused_devices {
                     if let Err(e) = d.lock().unwrap_or_else(|p| p.into_inner()).resume() {
                         tracing::error!("after a failed migration, a device did not resume: {e}");
@@ -189,7 +244,7 @@ impl Snapshotter {
         let e = |e: keel_migration::Error| e.to_string();
         vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
         // Logged from here on: anything written while a round reads goes again.
-        vm.take_dirty_log().map_err(|e| e.to_string())?;
+        dirty_pages(vm, &sh.mem)?;
         let mut list = self.present_pages(sh)?;
         loop {
             let t = Instant::now();
@@ -197,13 +252,23 @@ impl Snapshotter {
             let s = pages::send(ch, &sh.mem, list)?;
             sent.data_pages += s.data_pages;
             sent.zero_pages += s.zero_pages;
-            plan.record(ch.sent_bytes - before, t.elapsed());
+            let round = plan.rounds() + 1;
             ch.send(&Message::RoundEnd {
-                round: plan.rounds(),
+                round,
                 pages: s.data_pages + s.zero_pages,
             })
+            .and_then(|()| ch.flush())
             .map_err(e)?;
-            list = dirty_pages(vm)?;
+            // A round is over when the destination has it all (its echo), not when the
+            // socket took it: the bandwidth is the real one, and no backlog is left for the
+            // pause to wait on.
+            match ch.recv().map_err(e)? {
+                Message::RoundEnd { round: r, .. } if r == round => {}
+                Message::Abort(why) => return Err(format!("the destination gave up: {why}")),
+                other => return Err(format!("the destination answered {other:?}")),
+            }
+            plan.record(ch.sent_bytes - before, t.elapsed());
+            list = dirty_pages(vm, &sh.mem)?;
             match plan.next(list.len() as u64) {
                 super::plan::Next::Round => continue,
                 super::plan::Next::StopAndCopy | super::plan::Next::NotConverging => {
@@ -246,35 +311,41 @@ impl Snapshotter {
         Ok(list)
     }
 
-    /// With the vCPUs paused: the machine state, the pages left (after pre-copy: those it
-    /// carried and those dirtied since; else every page the process has), the state; then the
-    /// destination's word.
+    /// With the vCPUs and devices paused: the machine state, the pages pre-copy carried and
+    /// those dirtied since, the state; then the destination's word.
     fn send_paused(
         &mut self,
         vm: &Vm,
         sh: &Shared,
         ch: &mut Channel<TcpStream>,
-        paused_devices: &mut Vec<std::sync::Arc<std::sync::Mutex<keel_virtio::VirtioPciDevice>>>,
+        (paused_devices, handed_over): (&mut Vec<PausedDevice>, &mut Vec<Arc<dyn DiskImage>>),
         committed: &mut bool,
-        carried: Option<Vec<u64>>,
+        mut list: Vec<u64>,
     ) -> Result<pages::Sent, String> {
         let e = |e: keel_migration::Error| e.to_string();
+        let mut steps = Steps::default();
+        // Devices stop (their requests in flight complete) before the last look at the logs.
         let saved = self.capture_machine(vm, sh, paused_devices)?;
-        let list = match carried {
-            Some(mut left) => {
-                left.extend(dirty_pages(vm)?);
-                left.sort_unstable();
-                left.dedup();
-                left
+        steps.mark("capture");
+        // Shared storage: the destination opens the disks once it has the state; they are
+        // flushed and their locks let go of first.
+        for slot in &self.disks {
+            if let Some(top) = slot.images.last() {
+                keel_block::hand_over(top).map_err(|e| format!("disk {}: {e}", top.id()))?;
+                handed_over.push(top.clone());
             }
-            None => self.present_pages(sh)?,
-        };
+        }
+        steps.mark("disks");
+        list.extend(dirty_pages(vm, &sh.mem)?);
+        list.sort_unstable();
+        list.dedup();
         let sent = pages::send(ch, &sh.mem, list)?;
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
         ch.send(&Message::State(state)).map_err(e)?;
         ch.flush().map_err(e)?;
+        steps.mark("last pages and state");
         match ch.recv().map_err(e)? {
-            Message::Ready => {}
+            Message::Ready => steps.mark("destination built"),
             Message::Abort(why) => return Err(format!("the destination refused the VM: {why}")),
             other => return Err(format!("the destination answered {other:?}")),
         }
@@ -284,7 +355,11 @@ impl Snapshotter {
         ch.send(&Message::Go).and_then(|()| ch.flush()).map_err(e)?;
         *committed = true;
         match ch.recv().map_err(e)? {
-            Message::Resumed => Ok(sent),
+            Message::Resumed => {
+                steps.mark("destination resumed");
+                tracing::info!("migration: the pause, step by step: {steps}");
+                Ok(sent)
+            }
             other => Err(format!(
                 "the destination did not confirm it runs the VM ({other:?})"
             )),

@@ -3,16 +3,13 @@
 //! pager (`super::lazy`) copies each chunk in, checked, when the guest first touches it.
 
 use super::lazy::LazyMemory;
-use crate::memory::GuestRam;
+use crate::memory::{GuestMemoryMmap, GuestRam, GuestRegionMmap};
 use keel_arch::layout;
 use keel_snapshot::{PageHasher, CHUNK, PAGE};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// What saving guest memory produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
