@@ -68,6 +68,10 @@ pub struct MigrateReply {
     /// Pages sent with their bytes, and as zero ranges.
     pub data_pages: u64,
     pub zero_pages: u64,
+    /// Whether pre-copy converged (what was left fitted the downtime budget at the
+    /// bandwidth measured) rather than running out of rounds.
+    #[serde(default)]
+    pub converged: bool,
 }
 
 /// What `snapshot` needs besides its files.

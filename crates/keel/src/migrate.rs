@@ -130,13 +130,18 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
         Ok(Reply::Migrated(r)) => {
             eprintln!(
                 "keel: migrated to {to}: {:.1} ms in all, guest paused {:.1} ms, {} MiB sent \
-                 ({} pages of data, {} zero pages), {} round(s)",
+                 ({} pages of data, {} zero pages), {} round(s){}",
                 r.total_us as f64 / 1000.0,
                 r.downtime_us as f64 / 1000.0,
                 r.bytes_sent >> 20,
                 r.data_pages,
                 r.zero_pages,
-                r.rounds
+                r.rounds,
+                if r.converged {
+                    ""
+                } else {
+                    ", pre-copy did not converge (the guest dirties memory faster than it goes)"
+                }
             );
             ExitCode::SUCCESS
         }

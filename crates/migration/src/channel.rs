@@ -60,6 +60,40 @@ impl Direction {
     }
 }
 
+// The crypto is here, outside the generic `Channel`, so it is compiled (and optimised) in
+// this crate whatever stream it is used with.
+impl Direction {
+    /// Encrypts `frame[4..]` in place, writes `len` (which counts the tag) into `frame[..4]`
+    /// and appends the tag.
+    fn seal(&mut self, frame: &mut Vec<u8>, len: u32) -> Result<()> {
+        let aad = len.to_le_bytes();
+        let nonce = self.nonce()?;
+        let (head, body) = frame
+            .split_at_mut_checked(4)
+            .ok_or(Error::FrameTooLarge(0))?;
+        head.copy_from_slice(&aad);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce, &aad, body)
+            .map_err(|_| Error::Authentication)?;
+        frame.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Decrypts `frame` (ciphertext and tag, its length `aad`) in place; the plaintext's
+    /// length (at its start).
+    fn open(&mut self, aad: [u8; 4], frame: &mut [u8]) -> Result<usize> {
+        let body_len = frame.len().checked_sub(TAG).ok_or(Error::Authentication)?;
+        let nonce = self.nonce()?;
+        let (body, tag) = frame.split_at_mut(body_len);
+        let tag = aes_gcm::Tag::clone_from_slice(tag);
+        self.cipher
+            .decrypt_in_place_detached(&nonce, &aad, body, &tag)
+            .map_err(|_| Error::Authentication)?;
+        Ok(body_len)
+    }
+}
+
 /// An authenticated, encrypted migration stream over `S` (a TCP connection).
 pub struct Channel<S> {
     stream: S,
@@ -207,16 +241,7 @@ impl<S: Read + Write> Channel<S> {
             return Err(Error::FrameTooLarge(plain));
         }
         let len = u32::try_from(plain + TAG).map_err(|_| Error::FrameTooLarge(plain))?;
-        let aad = len.to_le_bytes();
-        let nonce = self.send.nonce()?;
-        let (head, body) = self.sbuf.split_at_mut(4);
-        head.copy_from_slice(&aad);
-        let tag = self
-            .send
-            .cipher
-            .encrypt_in_place_detached(&nonce, &aad, body)
-            .map_err(|_| Error::Authentication)?;
-        self.sbuf.extend_from_slice(&tag);
+        self.send.seal(&mut self.sbuf, len)?;
         self.stream.write_all(&self.sbuf).map_err(Error::Io)?;
         self.sent_bytes += self.sbuf.len() as u64;
         Ok(())
@@ -242,14 +267,7 @@ impl<S: Read + Write> Channel<S> {
         self.rbuf.resize(len, 0);
         read_full(&mut self.stream, &mut self.rbuf, false)?;
         self.received_bytes += (4 + len) as u64;
-        let nonce = self.recv.nonce()?;
-        let (body, tag) = self.rbuf.split_at_mut(len - TAG);
-        let tag = aes_gcm::Tag::clone_from_slice(tag);
-        self.recv
-            .cipher
-            .decrypt_in_place_detached(&nonce, &aad, body, &tag)
-            .map_err(|_| Error::Authentication)?;
-        Ok(len - TAG)
+        self.recv.open(aad, &mut self.rbuf)
     }
 
     /// Sends `m`.

@@ -2,6 +2,7 @@
 //! tests this host can run (and saying loudly why not).
 
 pub mod console;
+pub mod hosts;
 
 use libtest_mimic::Trial;
 use std::path::{Path, PathBuf};

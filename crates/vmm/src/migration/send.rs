@@ -140,8 +140,8 @@ impl Snapshotter {
         // by KVM, the devices' by the memory's bitmap.
         let mut plan = super::plan::Plan::new(Duration::from_millis(req.downtime_ms), MAX_ROUNDS);
         let mut sent = pages::Sent::default();
-        let carried = match self.precopy(vm, sh, &mut ch, &mut plan, &mut sent) {
-            Ok(left) => left,
+        let (carried, converged) = match self.precopy(vm, sh, &mut ch, &mut plan, &mut sent) {
+            Ok(done) => done,
             Err(why) => {
                 let _ = vm.set_dirty_logging(false);
                 let _ = ch.send(&Message::Abort(why.clone()));
@@ -185,6 +185,7 @@ impl Snapshotter {
                     rounds: plan.rounds() + 1,
                     data_pages: sent.data_pages + last.data_pages,
                     zero_pages: sent.zero_pages + last.zero_pages,
+                    converged,
                 };
                 tracing::info!(
                     "migrated: {} MiB sent in {:.1} ms over {} rounds, guest paused {:.1} ms",
@@ -232,7 +233,7 @@ impl Snapshotter {
     /// Pre-copy, with the guest running: KVM's dirty log on, every page the process has,
     /// then rounds of the pages dirtied meanwhile until what is left fits the budget at the
     /// bandwidth measured (or the rounds run out). Returns the pages dirtied in the last
-    /// look, not sent yet.
+    /// look, not sent yet, and whether it converged.
     fn precopy(
         &mut self,
         vm: &Vm,
@@ -240,7 +241,7 @@ impl Snapshotter {
         ch: &mut Channel<TcpStream>,
         plan: &mut super::plan::Plan,
         sent: &mut pages::Sent,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<(Vec<u64>, bool), String> {
         let e = |e: keel_migration::Error| e.to_string();
         vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
         // Logged from here on: anything written while a round reads goes again.
@@ -269,18 +270,19 @@ impl Snapshotter {
             }
             plan.record(ch.sent_bytes - before, t.elapsed());
             list = dirty_pages(vm, &sh.mem)?;
-            match plan.next(list.len() as u64) {
+            let converged = match plan.next(list.len() as u64) {
                 super::plan::Next::Round => continue,
-                super::plan::Next::StopAndCopy | super::plan::Next::NotConverging => {
-                    tracing::info!(
-                        "migration: {} pre-copy rounds, {} pages left for the pause (estimated {:?})",
-                        plan.rounds(),
-                        list.len(),
-                        plan.estimate(list.len() as u64)
-                    );
-                    return Ok(list);
-                }
-            }
+                super::plan::Next::StopAndCopy => true,
+                super::plan::Next::NotConverging => false,
+            };
+            tracing::info!(
+                "migration: {} pre-copy rounds{}, {} pages left for the pause (estimated {:?})",
+                plan.rounds(),
+                if converged { "" } else { " (not converging)" },
+                list.len(),
+                plan.estimate(list.len() as u64)
+            );
+            return Ok((list, converged));
         }
     }
 
