@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keel benchmark harness: Keel side by side with QEMU (and Firecracker / Cloud Hypervisor).
 
-    python3 bench/run.py [--runs N] [--only a|b|io|snap] [--skip a,b,io,snap] [--out docs/benchmarks.md]
+    python3 bench/run.py [--runs N] [--only a|b|io|snap|mig] [--skip a,b,io,snap,mig] [--out docs/benchmarks.md]
 
 Measurements (see bench/README.md and docs/benchmarks.md):
   (a) launch -> first guest I/O exit: a tiny PVH guest (bench/guests/first_io.S) whose first
@@ -12,6 +12,8 @@ Measurements (see bench/README.md and docs/benchmarks.md):
       a tap) against the same program on the host: bench/iobench.py, needs root.
   (snap) snapshot time and restore -> running latency of an idle 256 MiB and 2 GiB guest:
       bench/snapbench.py.
+  (mig) live migration of a 1 GiB guest (idle, and dirtying 64 MiB/s) between two network
+      namespaces over a veth: total time, downtime, the guest's own gap: bench/migbench.py.
 
 Runs alternate between VMM variants (keel, qemu-pc, qemu-microvm, keel, ...) so that noise
 hits all of them alike. Peak RSS is ru_maxrss from os.wait4() on the VMM process itself
@@ -35,6 +37,7 @@ import time
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ in the checkout
 import iobench  # noqa: E402  bench/iobench.py (sys.path[0] is bench/ when run as a script)
+import migbench  # noqa: E402  bench/migbench.py
 import snapbench  # noqa: E402  bench/snapbench.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -546,7 +549,7 @@ def argv_doc(v, subst):
     return f"- {v.label}: `{s}`" + (f" — {v.note}" if v.note else "")
 
 
-PARTS = ["a", "b", "io", "snap"]
+PARTS = ["a", "b", "io", "snap", "mig"]
 
 
 def main():
@@ -556,7 +559,7 @@ def main():
                     "default 2)")
     ap.add_argument("--runs-a", type=int,
                     help="timed runs per variant for (a), which is cheap (default: max(10, --runs))")
-    ap.add_argument("--only", choices=PARTS, help="run only measurement a, b, io or snap")
+    ap.add_argument("--only", choices=PARTS, help="run only measurement a, b, io, snap or mig")
     ap.add_argument("--skip", default="",
                     help="comma-separated measurements not to run, e.g. --skip io")
     ap.add_argument("--out", help="append the results as a dated section to this markdown file")
@@ -574,6 +577,7 @@ def main():
                     "(or $KEEL_BIN)")
     iobench.add_arguments(ap)
     snapbench.add_arguments(ap)
+    migbench.add_arguments(ap)
     args = ap.parse_args()
     args.runs_given = args.runs is not None  # snap has its own default (2 boots)
     if args.runs is None:
@@ -617,8 +621,8 @@ def main():
         if os.environ.get(env) and os.access(os.environ[env], os.X_OK):
             info.append(f"- {env}: {first_line([os.environ[env], '--version'])}")
     info.append("- Load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    shape = (f"{args.cpus} vCPU(s), {MEMORY_MIB} MiB" if set(parts) - {"snap"}
-             else f"1 vCPU, {args.snap_sizes}")
+    shape = (f"{args.cpus} vCPU(s), {MEMORY_MIB} MiB" if set(parts) - {"snap", "mig"}
+             else f"1 vCPU, {args.snap_sizes}" if "snap" in parts else "1 vCPU, 1 GiB")
     info.append(f"- Runs alternate between variants; {shape}; serial logs in `{log_dir}`")
     sections = []
     skipped_all = set()
@@ -698,6 +702,14 @@ def main():
         except (ValueError, OSError, subprocess.SubprocessError) as e:
             log(f"(snap) ERROR: {e}")
             sections.append(f"### (snap) snapshot and restore of an idle guest\n\nFailed: {e}")
+
+    if "mig" in parts:
+        log("(mig) live migration between two network namespaces")
+        try:
+            sections.append(migbench.measure(args, keel, qemu, log, log_dir, REPO))
+        except (migbench.Failed, OSError, subprocess.SubprocessError) as e:
+            log(f"(mig) ERROR: {e}")
+            sections.append(f"### (mig) live migration\n\nFailed: {e}")
 
     info.append("- Load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
                 + " (other work on this machine adds noise; 2 CPUs)")

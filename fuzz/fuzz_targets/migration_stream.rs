@@ -1,8 +1,11 @@
-//! What a migration receiver reads from the network: (1) the raw bytes of a connection, as
+//! What a migration receiver reads from the network: (0) the raw bytes of a connection, as
 //! the peer of a receiver-side channel (greeting checks, frame lengths, authentication, for
-//! someone without the key); (2) decrypted frames, as `Message::decode` sees them (what a
-//! peer holding the key could send). The first input byte picks the layer. Any input must end
-//! in an error or a bounded message, never a panic or an unbounded allocation.
+//! someone without the key); (1) one decrypted frame, as `Message::decode` sees it; (2) a
+//! whole stream from a peer holding the key: frames (each a u16 LE length and its plaintext)
+//! sealed by a real sender-side channel and taken by the receiver's intake as `keel receive`
+//! takes them (the offer, guest pages into memory, the state). The first input byte picks
+//! the layer. Any input must end in an error or a bounded message, never a panic, a hang or
+//! an unbounded allocation.
 #![no_main]
 
 use keel_migration::{Channel, Message, Role, MAX_RUN_PAGES, PAGE};
@@ -29,11 +32,47 @@ impl Write for Wire<'_> {
     }
 }
 
+const KEY: &[u8] = b"the fuzzer's migration key";
+
+/// Plays a sender holding the key: seals each frame of `input` and sends it to a receiver
+/// running the real intake, then hangs up.
+fn intake(input: &[u8]) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let frames: Vec<Vec<u8>> = {
+        let mut v = Vec::new();
+        let mut rest = input;
+        while rest.len() >= 2 {
+            let n = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+            let end = (2 + n).min(rest.len());
+            v.push(rest[2..end].to_vec());
+            rest = &rest[end..];
+        }
+        v
+    };
+    let sender = std::thread::spawn(move || {
+        let Ok(mut ch) = Channel::handshake(a, Role::Sender, KEY) else {
+            return;
+        };
+        for f in frames {
+            if ch.send_frame(&f).is_err() {
+                return;
+            }
+        }
+    });
+    // Bounded: the sender hangs up after its last frame, so every read ends.
+    if let Ok(mut ch) = Channel::handshake(b, Role::Receiver, KEY) {
+        let _ = keel_vmm::migration::fuzz_intake(&mut ch);
+    }
+    let _ = sender.join();
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    if which & 1 == 0 {
+    if which % 3 == 2 {
+        intake(rest);
+    } else if which % 3 == 0 {
         // Without the key nothing gets past the first frame.
         let wire = Wire { input: rest };
         if let Ok(mut ch) = Channel::handshake(wire, Role::Receiver, b"the fuzzer's migration key") {

@@ -373,6 +373,10 @@ volatile u32 irq_count[256];
 void idt_install_all(void) {
     for (int v = 0; v < 256; v++) idt_entry_set(v, (void (*)(void))(isr_stubs + 16 * v));
     idt_load();
+    /* The kit takes interrupts from the LAPIC only. A firmware may have left the legacy PICs
+       on, the PIT's IRQ 0 at vector 8 (QEMU's does): mask both so no IRQ looks like a #DF. */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
 }
 
 /* Called from the stubs with interrupts off. */

@@ -517,6 +517,116 @@ fn a_failed_migration_leaves_the_source_running() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A connection that corrupts what it sends: flips the byte at offset `flip`, or sends
+/// nothing past offset `cut` (pretending it did).
+struct Tamper {
+    inner: std::net::TcpStream,
+    written: u64,
+    flip: Option<u64>,
+    cut: Option<u64>,
+}
+
+impl Read for Tamper {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Tamper {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let start = self.written;
+        self.written += buf.len() as u64;
+        let mut out = buf.to_vec();
+        if let Some(at) = self.flip.filter(|at| (start..self.written).contains(at)) {
+            out[(at - start) as usize] ^= 0x01;
+        }
+        if let Some(cut) = self.cut {
+            out.truncate(cut.saturating_sub(start) as usize);
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Line 4: a receiver given a stream from a peer without the key, one with a byte flipped
+/// on the way, and one cut short in the middle of a frame ends each time with exit status 2
+/// and an error that says which.
+fn a_corrupt_stream_ends_the_receiver_with_a_clear_error() -> Result<(), Failed> {
+    use keel_migration::{Channel, Message, Role};
+    let dir = support::Scratch::new("migrate-corrupt")?;
+    let key = dir.path("key");
+    let key_bytes = b"the key the receiver holds, 32 B".to_vec();
+    std::fs::write(&key, &key_bytes).map_err(|e| e.to_string())?;
+    // The greeting (48 bytes) and the transcript frame (4 + 32 + 16) come first.
+    const AFTER_HANDSHAKE: u64 = 100;
+    // (what, the sender's key, byte to flip, where to cut, what the receiver says)
+    type Case<'a> = (&'a str, &'a [u8], Option<u64>, Option<u64>, &'a str);
+    let cases: [Case; 3] = [
+        (
+            "unauthenticated",
+            b"a key that is not the receiver's",
+            None,
+            None,
+            "authentication failed",
+        ),
+        (
+            "flipped byte",
+            &key_bytes,
+            Some(AFTER_HANDSHAKE + 30),
+            None,
+            "authentication failed",
+        ),
+        (
+            "truncated",
+            &key_bytes,
+            None,
+            Some(AFTER_HANDSHAKE + 20),
+            "in the middle of a frame",
+        ),
+    ];
+    let mut report = Vec::new();
+    for (what, sender_key, flip, cut, want) in cases {
+        let port = port();
+        let mut rx = Vm::receiver(port, &key, &dir.path(&format!("{port}.sock")))?;
+        let t = Instant::now();
+        let stream = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(format!("{what}: connect: {e}").into()),
+            }
+        };
+        let wire = Tamper {
+            inner: stream,
+            written: 0,
+            flip,
+            cut,
+        };
+        if let Ok(mut ch) = Channel::handshake(wire, Role::Sender, sender_key) {
+            let _ = ch.send(&Message::Config(vec![b'{'; 200]));
+            let _ = ch.flush();
+            // Hang up (the cut stream ends here, mid-frame).
+        }
+        let (code, err) = rx.end(Duration::from_secs(10))?;
+        if code != Some(2) || !err.contains(want) || err.contains("panicked") {
+            return Err(format!("{what}: receiver {code:?}, wanted {want:?}:\n{err}").into());
+        }
+        let line = err
+            .lines()
+            .rev()
+            .find(|l| l.contains(want))
+            .unwrap_or_default();
+        report.push(format!("{what}: {}", line.trim()));
+    }
+    eprintln!("{}", report.join("\n"));
+    Ok(())
+}
+
 /// A receiver played by the test: takes one connection on `port` and drops it at `phase`.
 fn dying_receiver(port: u16, key: Vec<u8>, phase: &'static str) -> std::thread::JoinHandle<String> {
     use keel_migration::{Channel, Message, Role};
@@ -574,10 +684,10 @@ fn dying_receiver(port: u16, key: Vec<u8>, phase: &'static str) -> std::thread::
     })
 }
 
-/// Line 3: the receiver dies at each phase (greeting, handshake, first round, mid-rounds,
-/// stop-and-copy: before it was told to run the VM); each time the source's guest goes on.
-fn a_receiver_dying_at_any_phase_leaves_the_source_running() -> Result<(), Failed> {
-    let dir = support::Scratch::new("migrate-die")?;
+/// Line 3: the receiver dies at `phase` (greeting, handshake, first round, mid-rounds,
+/// stop-and-copy: before it was told to run the VM); the source's guest goes on ticking.
+fn a_receiver_dying_leaves_the_source_running(phase: &'static str) -> Result<(), Failed> {
+    let dir = support::Scratch::new(&format!("migrate-die-{}", phase.replace(' ', "-")))?;
     let key = dir.path("key");
     let key_bytes = b"the key both ends hold in this test".to_vec();
     std::fs::write(&key, &key_bytes).map_err(|e| e.to_string())?;
@@ -585,31 +695,21 @@ fn a_receiver_dying_at_any_phase_leaves_the_source_running() -> Result<(), Faile
     let src = Vm::source(&src_api)?;
     wait_socket(&src_api)?;
     src.ticks_to(3, Duration::from_secs(20))?;
-    let mut report = Vec::new();
-    for phase in [
-        "greeting",
-        "handshake",
-        "first round",
-        "mid rounds",
-        "stop-and-copy",
-    ] {
-        let port = port();
-        let rx = dying_receiver(port, key_bytes.clone(), phase);
-        let o = migrate(&src_api, port, &key)?;
-        let said = String::from_utf8_lossy(&o.stderr).into_owned();
-        let what = rx.join().unwrap_or_default();
-        if o.status.code() != Some(1) || !said.contains("goes on here") {
-            return Err(format!("{phase} ({what}): {:?}: {said}", o.status).into());
-        }
-        let now = src.last.get().unwrap_or(0);
-        let more = src.ticks_to(now + 3, Duration::from_secs(10))?;
-        report.push(format!("{what}: source ticked on to {:?}", more.last()));
+    let port = port();
+    let rx = dying_receiver(port, key_bytes, phase);
+    let o = migrate(&src_api, port, &key)?;
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    let what = rx.join().unwrap_or_default();
+    if o.status.code() != Some(1) || !said.contains("goes on here") {
+        return Err(format!("{phase} ({what}): {:?}: {said}", o.status).into());
     }
+    let now = src.last.get().unwrap_or(0);
+    let more = src.ticks_to(now + 3, Duration::from_secs(10))?;
     let (code, err) = src.stop()?;
     if code != Some(143) || err.contains("panicked") {
         return Err(format!("source: {code:?}\n{err}").into());
     }
-    eprintln!("{}", report.join("\n"));
+    eprintln!("{what}: source ticked on to {:?}", more.last());
     Ok(())
 }
 
@@ -637,10 +737,26 @@ fn main() {
             a_failed_migration_leaves_the_source_running,
         ),
         Trial::test(
-            "a_receiver_dying_at_any_phase_leaves_the_source_running",
-            a_receiver_dying_at_any_phase_leaves_the_source_running,
+            "a_corrupt_stream_ends_the_receiver_with_a_clear_error",
+            a_corrupt_stream_ends_the_receiver_with_a_clear_error,
         ),
     ];
+    let mut trials = trials;
+    for phase in [
+        "greeting",
+        "handshake",
+        "first round",
+        "mid rounds",
+        "stop-and-copy",
+    ] {
+        trials.push(Trial::test(
+            format!(
+                "a_receiver_dying_at_{}_leaves_the_source_running",
+                phase.replace([' ', '-'], "_")
+            ),
+            move || a_receiver_dying_leaves_the_source_running(phase),
+        ));
+    }
     let host = support::Host::probe();
     let trials = support::skip_all(trials, "migration tests", host.no_kvm.as_deref());
     libtest_mimic::run(&args, trials).exit();

@@ -3,20 +3,18 @@
 //! bounded by the stream layer, every page checked against guest RAM, the state parsed with
 //! the snapshot loader's checks.
 
-use super::pages;
 use super::send::Offer;
 use crate::device_config::{DiskConfig, NetConfig, VsockConfig};
-use crate::snapshot::format::parse_migration_state;
 use crate::vm::{create_vm, join_cgroup, validate_memory};
 use crate::{VmConfig, VmIo, Vmm, VmmError};
-use keel_migration::{Channel, Incoming, Message, Role};
+use keel_migration::{Channel, Message, Role};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 /// How long the receiver waits for the next message once a sender is connected.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn bad(what: impl std::fmt::Display) -> VmmError {
+pub(super) fn bad(what: impl std::fmt::Display) -> VmmError {
     VmmError::Migration(what.to_string())
 }
 
@@ -38,7 +36,11 @@ pub struct ReceiveOptions {
 /// VMM open its paths or attach to its taps); what the guest sees (a disk's size and
 /// writability, a vsock CID) must be the same here. MAC addresses come with the device
 /// state.
-fn host_side(config: &mut VmConfig, offer: &Offer, opts: &ReceiveOptions) -> Result<(), VmmError> {
+pub(super) fn host_side(
+    config: &mut VmConfig,
+    offer: &Offer,
+    opts: &ReceiveOptions,
+) -> Result<(), VmmError> {
     let count = |what: &str, flag: &str, offered: usize, named: usize| {
         if offered == named {
             return Ok(());
@@ -149,64 +151,27 @@ impl Vmm {
         opts: &ReceiveOptions,
         io: VmIo,
     ) -> Result<Vmm, VmmError> {
-        let offer: Offer = match ch.recv().map_err(bad)? {
-            Message::Config(json) => serde_json::from_slice(&json)
-                .map_err(|e| bad(format!("the offered machine is malformed: {e}")))?,
-            other => return Err(bad(format!("expected the machine first, got {other:?}"))),
-        };
-        let mut config: VmConfig = offer.config.clone();
-        config.api_socket = opts.api_socket.clone();
-        config.seccomp = opts.seccomp;
-        // Limits are this host's business (the supervisor's cgroup), not the sender's.
-        config.limits = None;
-        host_side(&mut config, &offer, opts)?;
-        validate_memory(&config)?;
-        let cgroup = join_cgroup(&config)?;
-        let (hv, vm) = create_vm(&config)?;
-        let kind = format!("{:?}", hv.host_info().kind);
-        if kind != offer.host_kind {
-            return Err(bad(format!(
-                "the VM runs on a {} host; this one is {kind}",
-                offer.host_kind
-            )));
-        }
-        let ram = crate::memory::allocate(config.memory).map_err(bad)?;
-        // This host can take the machine: the memory may come.
-        ch.send(&Message::Ready)
-            .and_then(|()| ch.flush())
-            .map_err(bad)?;
-        let mut pages_in = 0u64;
-        let started = std::time::Instant::now();
-        let filler = pages::Filler::new(&ram.all);
-        let state = loop {
-            let m = ch.recv_incoming().map_err(bad)?;
-            match m {
-                Incoming::Pages { .. } | Incoming::Other(Message::Zeros { .. }) => {
-                    pages_in += filler.apply(&m).map_err(bad)?;
-                }
-                Incoming::Other(Message::RoundEnd { round, pages }) => {
-                    tracing::debug!(
-                        "migration: round {round} ({pages} pages) in after {:?}",
-                        started.elapsed()
-                    );
-                    // All of it is in place: the sender times its rounds by this echo.
-                    ch.send(&Message::RoundEnd { round, pages })
-                        .and_then(|()| ch.flush())
-                        .map_err(bad)?;
-                }
-                Incoming::Other(Message::State(json)) => break json,
-                Incoming::Other(Message::Abort(why)) => {
-                    return Err(bad(format!("the sender gave up: {why}")))
-                }
-                Incoming::Other(other) => return Err(bad(format!("unexpected {other:?}"))),
+        let arrived = super::intake::take(ch, opts, |config, offer| {
+            validate_memory(config)?;
+            let cgroup = join_cgroup(config)?;
+            let (hv, vm) = create_vm(config)?;
+            let kind = format!("{:?}", hv.host_info().kind);
+            if kind != offer.host_kind {
+                return Err(bad(format!(
+                    "the VM runs on a {} host; this one is {kind}",
+                    offer.host_kind
+                )));
             }
-        };
-        // Guest memory is the VMM's again (nothing waits on a missing page from here on).
-        drop(filler);
-        let saved = parse_migration_state(&state).map_err(bad)?;
-        if (saved.config.vcpus, saved.config.memory) != (config.vcpus, config.memory) {
-            return Err(bad("the state does not match the offered machine"));
-        }
+            Ok((cgroup, hv, vm))
+        })?;
+        let super::intake::Arrived {
+            offer,
+            config,
+            ram,
+            saved,
+            pages_in,
+            prepared: (cgroup, hv, vm),
+        } = arrived;
         // Opened now, not before: until its state was sent the sender wrote them, and it
         // held their locks (it lets go once its devices are paused and flushed).
         let disks = crate::devices::open_disks(&config)?;
