@@ -19,10 +19,13 @@ impl Hosts {
     pub const TAP: [&'static str; 2] = ["tapA", "tapB"];
 
     pub fn new() -> Result<Hosts, Failed> {
-        let id = std::process::id() % 100_000;
+        // Tests of one binary run side by side: each pair of hosts of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}x{nth}", std::process::id() % 100_000);
         let hosts = Hosts {
             ns: [format!("keelmigA{id}"), format!("keelmigB{id}")],
-            net: std::process::id() % 200 + 20,
+            net: (std::process::id() + nth * 41) % 200 + 20,
         };
         for ns in &hosts.ns {
             let _ = run_cmd("ip", &["netns", "del", ns]);
