@@ -94,18 +94,101 @@ impl Direction {
     }
 }
 
+/// One direction of a channel: its cipher and frame counter, the buffer its frames are
+/// sealed or opened in (kept, so a stream of 1 MiB frames allocates and faults in its buffer
+/// once), and the bytes that went through it (ciphertext).
+struct Half {
+    dir: Direction,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl Half {
+    fn new(cipher: Aes256Gcm) -> Half {
+        Half {
+            dir: Direction { cipher, counter: 0 },
+            buf: Vec::new(),
+            bytes: GREETING as u64,
+        }
+    }
+
+    /// Starts the next frame in `buf`: room for its length, then the plaintext is appended.
+    fn begin(&mut self) -> &mut Vec<u8> {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0; 4]);
+        &mut self.buf
+    }
+
+    /// Seals the plaintext appended since [`Half::begin`] and writes the frame (one write).
+    fn seal_to<W: Write>(&mut self, w: &mut W) -> Result<()> {
+        let plain = self.buf.len().saturating_sub(4);
+        if plain > MAX_FRAME {
+            return Err(Error::FrameTooLarge(plain));
+        }
+        let len = u32::try_from(plain + TAG).map_err(|_| Error::FrameTooLarge(plain))?;
+        self.dir.seal(&mut self.buf, len)?;
+        w.write_all(&self.buf).map_err(Error::Io)?;
+        self.bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Reads the next frame into `buf` and decrypts it there; the plaintext's length.
+    fn open_from<R: Read>(&mut self, r: &mut R) -> Result<usize> {
+        let mut aad = [0u8; 4];
+        read_full(r, &mut aad, true)?;
+        let len = u32::from_le_bytes(aad) as usize;
+        if len > MAX_FRAME + TAG {
+            return Err(Error::FrameTooLarge(len));
+        }
+        if len < TAG {
+            return Err(Error::Authentication);
+        }
+        self.buf.resize(len, 0);
+        read_full(r, &mut self.buf, false)?;
+        self.bytes += (4 + len) as u64;
+        self.dir.open(aad, &mut self.buf)
+    }
+
+    fn plain(&self, n: usize) -> &[u8] {
+        self.buf.get(..n).unwrap_or_default()
+    }
+}
+
 /// An authenticated, encrypted migration stream over `S` (a TCP connection).
 pub struct Channel<S> {
     stream: S,
-    send: Direction,
-    recv: Direction,
-    /// Frames and bytes sent and received (ciphertext), for the summary.
-    pub sent_bytes: u64,
-    pub received_bytes: u64,
-    /// The frame being sealed, and the last one opened: kept, so a stream of 1 MiB frames
-    /// allocates (and faults in) its buffers once.
-    sbuf: Vec<u8>,
-    rbuf: Vec<u8>,
+    tx: Half,
+    rx: Half,
+}
+
+/// A stream that can be cloned into a second handle, one per direction.
+pub trait Duplex: Read + Write + Sized {
+    fn try_clone(&self) -> std::io::Result<Self>;
+}
+
+impl Duplex for std::net::TcpStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
+    }
+}
+
+impl Duplex for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+}
+
+/// The sending direction of a [`Channel::split`] channel (one thread may send while another
+/// receives).
+pub struct ChannelTx<S> {
+    stream: S,
+    tx: Half,
+}
+
+/// The receiving direction of a [`Channel::split`] channel.
+pub struct ChannelRx<S> {
+    stream: S,
+    rx: Half,
 }
 
 fn random(buf: &mut [u8]) -> Result<()> {
@@ -190,18 +273,8 @@ impl<S: Read + Write> Channel<S> {
         };
         let mut ch = Channel {
             stream,
-            send: Direction {
-                cipher: send,
-                counter: 0,
-            },
-            recv: Direction {
-                cipher: recv,
-                counter: 0,
-            },
-            sent_bytes: GREETING as u64,
-            received_bytes: GREETING as u64,
-            sbuf: Vec::new(),
-            rbuf: Vec::new(),
+            tx: Half::new(send),
+            rx: Half::new(recv),
         };
         let mut transcript = Sha256::new();
         transcript.update(s_hello);
@@ -222,80 +295,40 @@ impl<S: Read + Write> Channel<S> {
 
     /// Sends one frame of at most [`MAX_FRAME`] bytes.
     pub fn send_frame(&mut self, plain: &[u8]) -> Result<()> {
-        self.begin_frame();
-        self.sbuf.extend_from_slice(plain);
-        self.seal_and_send()
-    }
-
-    /// Starts the next frame in `sbuf`: room for its length, then the plaintext is appended.
-    fn begin_frame(&mut self) {
-        self.sbuf.clear();
-        self.sbuf.extend_from_slice(&[0; 4]);
-    }
-
-    /// Encrypts the plaintext in `sbuf` in place, puts the length in front and the tag
-    /// behind, and writes the frame (one write).
-    fn seal_and_send(&mut self) -> Result<()> {
-        let plain = self.sbuf.len().saturating_sub(4);
-        if plain > MAX_FRAME {
-            return Err(Error::FrameTooLarge(plain));
-        }
-        let len = u32::try_from(plain + TAG).map_err(|_| Error::FrameTooLarge(plain))?;
-        self.send.seal(&mut self.sbuf, len)?;
-        self.stream.write_all(&self.sbuf).map_err(Error::Io)?;
-        self.sent_bytes += self.sbuf.len() as u64;
-        Ok(())
+        self.tx.begin().extend_from_slice(plain);
+        self.tx.seal_to(&mut self.stream)
     }
 
     /// Receives one frame; [`Error::Closed`] if the peer closed the connection between frames.
     pub fn recv_frame(&mut self) -> Result<Vec<u8>> {
-        let n = self.open_next()?;
-        Ok(self.rbuf.get(..n).unwrap_or_default().to_vec())
-    }
-
-    /// Reads the next frame into `rbuf` and decrypts it there; the plaintext's length.
-    fn open_next(&mut self) -> Result<usize> {
-        let mut aad = [0u8; 4];
-        read_full(&mut self.stream, &mut aad, true)?;
-        let len = u32::from_le_bytes(aad) as usize;
-        if len > MAX_FRAME + TAG {
-            return Err(Error::FrameTooLarge(len));
-        }
-        if len < TAG {
-            return Err(Error::Authentication);
-        }
-        self.rbuf.resize(len, 0);
-        read_full(&mut self.stream, &mut self.rbuf, false)?;
-        self.received_bytes += (4 + len) as u64;
-        self.recv.open(aad, &mut self.rbuf)
+        let n = self.rx.open_from(&mut self.stream)?;
+        Ok(self.rx.plain(n).to_vec())
     }
 
     /// Sends `m`.
     pub fn send(&mut self, m: &crate::Message) -> Result<()> {
-        self.begin_frame();
-        m.encode_into(&mut self.sbuf);
-        self.seal_and_send()
+        m.encode_into(self.tx.begin());
+        self.tx.seal_to(&mut self.stream)
     }
 
     /// Sends guest pages from `first_page` on (what [`crate::Message::Pages`] carries),
     /// without a copy of them in a message first.
     pub fn send_pages(&mut self, first_page: u64, data: &[u8]) -> Result<()> {
-        self.begin_frame();
-        crate::message::encode_pages(&mut self.sbuf, first_page, data);
-        self.seal_and_send()
+        crate::message::encode_pages(self.tx.begin(), first_page, data);
+        self.tx.seal_to(&mut self.stream)
     }
 
     /// Receives the next message.
     pub fn recv(&mut self) -> Result<crate::Message> {
-        let n = self.open_next()?;
-        crate::Message::decode(self.rbuf.get(..n).unwrap_or_default())
+        let n = self.rx.open_from(&mut self.stream)?;
+        crate::Message::decode(self.rx.plain(n))
     }
 
     /// Receives the next message, guest pages left where they were decrypted: valid until
     /// the next call.
     pub fn recv_incoming(&mut self) -> Result<crate::Incoming<'_>> {
-        let n = self.open_next()?;
-        crate::Incoming::decode(self.rbuf.get(..n).unwrap_or_default())
+        let n = self.rx.open_from(&mut self.stream)?;
+        crate::Incoming::decode(self.rx.plain(n))
     }
 
     /// Flushes what was written.
@@ -306,6 +339,75 @@ impl<S: Read + Write> Channel<S> {
     /// The stream underneath (e.g. to set a timeout or shut it down).
     pub fn get_ref(&self) -> &S {
         &self.stream
+    }
+
+    /// Bytes sent (ciphertext and greeting), for the summary.
+    pub fn sent_bytes(&self) -> u64 {
+        self.tx.bytes
+    }
+
+    /// Bytes received (ciphertext and greeting).
+    pub fn received_bytes(&self) -> u64 {
+        self.rx.bytes
+    }
+}
+
+impl<S: Duplex> Channel<S> {
+    /// Splits the channel into its two directions, each with a handle on the stream, for a
+    /// sender and a receiver thread. Frame counters go on where they were.
+    pub fn split(self) -> Result<(ChannelTx<S>, ChannelRx<S>)> {
+        let other = self.stream.try_clone().map_err(Error::Io)?;
+        Ok((
+            ChannelTx {
+                stream: other,
+                tx: self.tx,
+            },
+            ChannelRx {
+                stream: self.stream,
+                rx: self.rx,
+            },
+        ))
+    }
+}
+
+impl<S: Write> ChannelTx<S> {
+    /// Sends `m`.
+    pub fn send(&mut self, m: &crate::Message) -> Result<()> {
+        m.encode_into(self.tx.begin());
+        self.tx.seal_to(&mut self.stream)
+    }
+
+    /// Sends guest pages from `first_page` on.
+    pub fn send_pages(&mut self, first_page: u64, data: &[u8]) -> Result<()> {
+        crate::message::encode_pages(self.tx.begin(), first_page, data);
+        self.tx.seal_to(&mut self.stream)
+    }
+
+    /// Flushes what was written.
+    pub fn flush(&mut self) -> Result<()> {
+        self.stream.flush().map_err(Error::Io)
+    }
+
+    pub fn sent_bytes(&self) -> u64 {
+        self.tx.bytes
+    }
+}
+
+impl<S: Read> ChannelRx<S> {
+    /// Receives the next message.
+    pub fn recv(&mut self) -> Result<crate::Message> {
+        let n = self.rx.open_from(&mut self.stream)?;
+        crate::Message::decode(self.rx.plain(n))
+    }
+
+    /// Receives the next message, guest pages left where they were decrypted.
+    pub fn recv_incoming(&mut self) -> Result<crate::Incoming<'_>> {
+        let n = self.rx.open_from(&mut self.stream)?;
+        crate::Incoming::decode(self.rx.plain(n))
+    }
+
+    pub fn received_bytes(&self) -> u64 {
+        self.rx.bytes
     }
 }
 

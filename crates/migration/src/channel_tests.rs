@@ -30,12 +30,12 @@ fn messages_cross_both_ways_under_the_key() {
         assert_eq!(r.recv().unwrap(), want);
         r.send(&Message::Resumed).unwrap();
         assert!(matches!(r.recv(), Err(Error::Closed)));
-        r.received_bytes
+        r.received_bytes()
     });
     s.send(&Message::Config(b"{}".to_vec())).unwrap();
     s.send(&pages).unwrap();
     assert_eq!(s.recv().unwrap(), Message::Resumed);
-    let sent = s.sent_bytes;
+    let sent = s.sent_bytes();
     drop(s);
     assert_eq!(rx.join().unwrap(), sent, "both ends count the same bytes");
 }
@@ -177,4 +177,50 @@ fn oversized_frames_are_refused_before_any_allocation() {
         matches!(e, Some(Error::FrameTooLarge(0xc000_0000))),
         "{e:?}"
     );
+}
+
+#[test]
+fn split_directions_go_on_from_the_handshake_and_run_side_by_side() {
+    let (s, r) = pair(KEY, KEY);
+    let (s, r) = (s.unwrap(), r.unwrap());
+    let (mut s_tx, mut s_rx) = s.split().unwrap();
+    let (mut r_tx, mut r_rx) = r.split().unwrap();
+    // One side streams pages while the other asks for more on the same connection, each
+    // direction on a thread of its own.
+    let pages = std::thread::spawn(move || {
+        for i in 0..64u64 {
+            s_tx.send_pages(i, &vec![i as u8; 16 * PAGE]).unwrap();
+        }
+        s_tx.send(&Message::Go).unwrap();
+        s_tx.sent_bytes()
+    });
+    let asks = std::thread::spawn(move || {
+        for i in 0..64u32 {
+            r_tx.send(&Message::RoundEnd { round: i, pages: 0 })
+                .unwrap();
+        }
+        r_tx.send(&Message::Resumed).unwrap();
+    });
+    let mut got = 0u64;
+    loop {
+        match r_rx.recv().unwrap() {
+            Message::Pages { first_page, data } => {
+                assert_eq!(first_page, got);
+                assert!(data.iter().all(|b| *b == got as u8));
+                got += 1;
+            }
+            Message::Go => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, 64);
+    for i in 0..64u32 {
+        assert_eq!(
+            s_rx.recv().unwrap(),
+            Message::RoundEnd { round: i, pages: 0 }
+        );
+    }
+    assert_eq!(s_rx.recv().unwrap(), Message::Resumed);
+    asks.join().unwrap();
+    assert_eq!(pages.join().unwrap(), r_rx.received_bytes());
 }

@@ -11,7 +11,7 @@
 mod channel;
 mod message;
 
-pub use channel::{Channel, Role, KEY_MIN};
+pub use channel::{Channel, ChannelRx, ChannelTx, Duplex, Role, KEY_MIN};
 
 /// A pre-shared key as hex, for a control request that carries it.
 pub fn key_to_hex(key: &[u8]) -> String {

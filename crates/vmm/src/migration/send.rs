@@ -181,7 +181,7 @@ impl Snapshotter {
                 let reply = MigrateReply {
                     total_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
                     downtime_us: u64::try_from(downtime.as_micros()).unwrap_or(u64::MAX),
-                    bytes_sent: ch.sent_bytes,
+                    bytes_sent: ch.sent_bytes(),
                     rounds: plan.rounds() + 1,
                     data_pages: sent.data_pages + last.data_pages,
                     zero_pages: sent.zero_pages + last.zero_pages,
@@ -249,7 +249,7 @@ impl Snapshotter {
         let mut list = self.present_pages(sh)?;
         loop {
             let t = Instant::now();
-            let before = ch.sent_bytes;
+            let before = ch.sent_bytes();
             let s = pages::send(ch, &sh.mem, list)?;
             sent.data_pages += s.data_pages;
             sent.zero_pages += s.zero_pages;
@@ -268,7 +268,7 @@ impl Snapshotter {
                 Message::Abort(why) => return Err(format!("the destination gave up: {why}")),
                 other => return Err(format!("the destination answered {other:?}")),
             }
-            plan.record(ch.sent_bytes - before, t.elapsed());
+            plan.record(ch.sent_bytes() - before, t.elapsed());
             list = dirty_pages(vm, &sh.mem)?;
             let converged = match plan.next(list.len() as u64) {
                 super::plan::Next::Round => continue,
