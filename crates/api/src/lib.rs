@@ -52,6 +52,10 @@ pub struct MigrateRequest {
     /// How long the guest may be paused for the last copy: pre-copy goes on until what is
     /// left fits, at the bandwidth measured.
     pub downtime_ms: u64,
+    /// Switch to post-copy after the first round: the VM runs on the destination at once
+    /// and pulls what it still lacks (otherwise only when pre-copy does not converge).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// What `migrate` did.
@@ -72,6 +76,9 @@ pub struct MigrateReply {
     /// bandwidth measured) rather than running out of rounds.
     #[serde(default)]
     pub converged: bool,
+    /// Pages the destination fetched after it started the VM (post-copy), 0 without.
+    #[serde(default)]
+    pub postcopy_pages: u64,
 }
 
 /// What `snapshot` needs besides its files.

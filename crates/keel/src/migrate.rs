@@ -30,6 +30,11 @@ pub struct MigrateArgs {
     /// what is left fits, at the bandwidth measured.
     #[arg(long, value_name = "MS", default_value_t = 30)]
     downtime_ms: u64,
+    /// Post-copy: after the first round the VM runs on the destination, which pulls the
+    /// pages it still lacks (also what happens when pre-copy does not converge). If the
+    /// connection breaks before every page is there, the VM is lost on both sides.
+    #[arg(long)]
+    postcopy: bool,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +127,7 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
         &Request::Migrate(MigrateRequest {
             key_hex,
             downtime_ms: args.downtime_ms,
+            postcopy: args.postcopy,
         }),
         &[stream.as_raw_fd()],
     );
@@ -137,10 +143,13 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
                 r.data_pages,
                 r.zero_pages,
                 r.rounds,
-                if r.converged {
-                    ""
-                } else {
-                    ", pre-copy did not converge (the guest dirties memory faster than it goes)"
+                match (r.converged, r.postcopy_pages) {
+                    (true, 0) => String::new(),
+                    (true, n) => format!(", post-copy of {n} pages"),
+                    (false, n) => format!(
+                        ", pre-copy did not converge (the guest dirties memory faster than it \
+                         goes): post-copy of {n} pages"
+                    ),
                 }
             );
             ExitCode::SUCCESS

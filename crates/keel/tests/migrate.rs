@@ -330,6 +330,7 @@ fn guest_timed_move(
     memory: &str,
     cmdline: &str,
     max_gap: Duration,
+    migrate_args: &[&str],
 ) -> Result<(String, Duration), Failed> {
     let dir = support::Scratch::new(tag)?;
     let key = dir.path("key");
@@ -363,6 +364,7 @@ fn guest_timed_move(
         .arg(&src_api)
         .args(["--to", &listen, "--migration-key"])
         .arg(&key)
+        .args(migrate_args)
         .output()
         .map_err(|e| e.to_string())?;
     let said = String::from_utf8_lossy(&o.stderr).trim().to_string();
@@ -410,6 +412,7 @@ fn an_idle_1gib_guest_sees_a_pause_under_20ms() -> Result<(), Failed> {
         "1G",
         "test=migrate fill=1000",
         Duration::from_millis(bound),
+        &[],
     )
     .map(|_| ())
 }
@@ -422,10 +425,91 @@ fn a_guest_dirtying_64mib_per_s_converges_in_precopy() -> Result<(), Failed> {
         "512M",
         "test=migrate fill=256 dirty=64 span=256",
         Duration::from_millis(100),
+        &[],
     )?;
-    if said.contains("did not converge") {
+    if said.contains("did not converge") || said.contains("post-copy") {
         return Err(format!("pre-copy did not converge: {said}").into());
     }
+    Ok(())
+}
+
+/// Line 2: the same guest moved by post-copy when asked: it runs on the destination after
+/// the first round and pulls what it still lacks; it counts on there, its pause as short.
+fn a_guest_dirtying_64mib_per_s_moves_by_forced_postcopy() -> Result<(), Failed> {
+    let (said, _) = guest_timed_move(
+        "migrate-postcopy",
+        "512M",
+        "test=migrate fill=256 dirty=64 span=256",
+        Duration::from_millis(100),
+        &["--postcopy"],
+    )?;
+    if !said.contains("post-copy of") {
+        return Err(format!("no post-copy: {said}").into());
+    }
+    Ok(())
+}
+
+/// Line 3 (after the commit): the source dies while post-copy still sends; the destination's
+/// VM, whose memory is now split between the hosts, stops with an error that says so (and
+/// never runs on with pages it lacks).
+fn a_source_dying_in_postcopy_stops_the_destination_vm() -> Result<(), Failed> {
+    let dir = support::Scratch::new("migrate-postcopy-lost")?;
+    let key = dir.path("key");
+    std::fs::write(&key, b"the key of host A and host B, 32B").map_err(|e| e.to_string())?;
+    let (src_api, dst_api) = (dir.path("src.sock"), dir.path("dst.sock"));
+    let port = port();
+    let mut dst = Vm::receiver(port, &key, &dst_api)?;
+    let mut src = Vm::spawn(
+        keel()
+            .args(["run", "--kernel"])
+            .arg(KitImage::PvhElf.path())
+            // All of a 256 MiB span written 256 MiB/s: it is all stale after the first round.
+            .args(["--cmdline", "test=migrate fill=512 dirty=256 span=256"])
+            .args([
+                "--memory",
+                "768M",
+                "--shutdown-timeout",
+                "0",
+                "--api-socket",
+            ])
+            .arg(&src_api),
+    )?;
+    wait_socket(&src_api)?;
+    src.ticks_to(2, Duration::from_secs(60))?;
+    let mut migrate = keel()
+        .args(["migrate", "--vm"])
+        .arg(&src_api)
+        .args(["--to", &format!("127.0.0.1:{port}"), "--migration-key"])
+        .arg(&key)
+        .arg("--postcopy")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    // Once the VM runs on the destination (its first second there), kill the source.
+    let first = dst.ticks_to(0, Duration::from_secs(60))?;
+    let vmm = support::vmm_pid(src.child.id());
+    // SAFETY: kill(2) on the source's jailed VMM, a process this test started.
+    unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    let _ = src.child.kill();
+    let _ = migrate.wait();
+    let (code, err) = dst.end(Duration::from_secs(30))?;
+    if err.contains("every page is here") {
+        return Err(format!(
+            "post-copy finished before the source died (first second there {first:?}): the \
+             test needs a larger stale set\n{err}"
+        )
+        .into());
+    }
+    if code != Some(1) || !err.contains("post-copy failed, the VM's memory is lost") {
+        return Err(format!("destination: {code:?}\n{err}").into());
+    }
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.contains("memory is lost"))
+        .unwrap_or_default();
+    eprintln!("{}", line.trim());
     Ok(())
 }
 
@@ -728,6 +812,14 @@ fn main() {
         Trial::test(
             "a_guest_dirtying_64mib_per_s_converges_in_precopy",
             a_guest_dirtying_64mib_per_s_converges_in_precopy,
+        ),
+        Trial::test(
+            "a_guest_dirtying_64mib_per_s_moves_by_forced_postcopy",
+            a_guest_dirtying_64mib_per_s_moves_by_forced_postcopy,
+        ),
+        Trial::test(
+            "a_source_dying_in_postcopy_stops_the_destination_vm",
+            a_source_dying_in_postcopy_stops_the_destination_vm,
         ),
         Trial::test(
             "ticks_go_on_on_the_destination",

@@ -391,6 +391,11 @@ impl<S: Write> ChannelTx<S> {
     pub fn sent_bytes(&self) -> u64 {
         self.tx.bytes
     }
+
+    /// The stream underneath (e.g. to shut it down).
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
 }
 
 impl<S: Read> ChannelRx<S> {
@@ -408,6 +413,11 @@ impl<S: Read> ChannelRx<S> {
 
     pub fn received_bytes(&self) -> u64 {
         self.rx.bytes
+    }
+
+    /// The stream underneath (e.g. to shut it down).
+    pub fn get_ref(&self) -> &S {
+        &self.stream
     }
 }
 

@@ -20,6 +20,9 @@ const RESUMED: u8 = 6;
 const ABORT: u8 = 7;
 const READY: u8 = 8;
 const GO: u8 = 9;
+const MISSING: u8 = 10;
+const WANT: u8 = 11;
+const COMPLETE: u8 = 12;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -42,6 +45,13 @@ pub enum Message {
     Resumed,
     /// Either way: the migration is off, and why.
     Abort(String),
+    /// Post-copy, sender → receiver, before the state: pages `first_page..+count` were
+    /// written since they were sent; the receiver fetches them when they are touched.
+    Missing { first_page: u64, count: u64 },
+    /// Post-copy, receiver → sender: send page `page` now (something waits on it).
+    Want { page: u64 },
+    /// Post-copy, sender → receiver: every missing page has been sent.
+    Complete,
 }
 
 fn bad(what: impl Into<String>) -> Error {
@@ -131,6 +141,16 @@ impl Message {
             Message::Resumed => v.push(RESUMED),
             Message::Ready => v.push(READY),
             Message::Go => v.push(GO),
+            Message::Missing { first_page, count } => {
+                v.push(MISSING);
+                v.extend_from_slice(&first_page.to_le_bytes());
+                v.extend_from_slice(&count.to_le_bytes());
+            }
+            Message::Want { page } => {
+                v.push(WANT);
+                v.extend_from_slice(&page.to_le_bytes());
+            }
+            Message::Complete => v.push(COMPLETE),
             Message::Abort(why) => {
                 v.push(ABORT);
                 v.extend_from_slice(clip_reason(why).as_bytes());
@@ -203,7 +223,7 @@ impl<'a> Incoming<'a> {
                 }
                 return Ok(Incoming::Pages { first_page, data });
             }
-            ZEROS => {
+            ZEROS | MISSING => {
                 let first_page = r.u64()?;
                 let count = r.u64()?;
                 if count == 0
@@ -211,12 +231,22 @@ impl<'a> Incoming<'a> {
                         .checked_add(count)
                         .is_none_or(|end| end > MAX_PAGE)
                 {
-                    return Err(bad(format!(
-                        "zero pages {first_page:#x}+{count} out of range"
-                    )));
+                    return Err(bad(format!("pages {first_page:#x}+{count} out of range")));
                 }
-                Message::Zeros { first_page, count }
+                if kind == ZEROS {
+                    Message::Zeros { first_page, count }
+                } else {
+                    Message::Missing { first_page, count }
+                }
             }
+            WANT => {
+                let page = r.u64()?;
+                if page >= MAX_PAGE {
+                    return Err(bad(format!("page {page:#x} out of range")));
+                }
+                Message::Want { page }
+            }
+            COMPLETE => Message::Complete,
             ROUND_END => Message::RoundEnd {
                 round: r.u32()?,
                 pages: r.u64()?,
@@ -268,6 +298,12 @@ mod tests {
             Message::Ready,
             Message::Go,
             Message::Abort("the destination has too little memory".into()),
+            Message::Missing {
+                first_page: 0x300,
+                count: 17,
+            },
+            Message::Want { page: 0x12345 },
+            Message::Complete,
         ];
         for m in all {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);

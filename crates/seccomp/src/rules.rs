@@ -123,6 +123,10 @@ const PAGER: &[c_long] = &[
     libc::SYS_ppoll,
     libc::SYS_pread64,
     libc::SYS_read,
+    // Post-copy's pager: pages from the source and requests to it, over the connection.
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
 ];
 
 /// The event loop (and the process's main thread after the VM ends): polls, starts and

@@ -30,6 +30,9 @@ pub enum ExitReason {
     SnapshotMemory { error: String },
     /// The VM moved to another host (`keel migrate`): it runs there now.
     Migrated,
+    /// Post-copy: the source went away before every page it still held arrived here. The
+    /// VM's memory is split between the hosts: it cannot go on anywhere.
+    MigrationLost { error: String },
 }
 
 impl ExitReason {
@@ -46,6 +49,7 @@ impl ExitReason {
             ExitReason::GuestCrash | ExitReason::VcpuFailed { .. } => 1,
             // A bad snapshot, as when `keel restore` refuses one up front.
             ExitReason::SnapshotMemory { .. } => 2,
+            ExitReason::MigrationLost { .. } => 1,
         }
     }
 
@@ -61,6 +65,9 @@ impl ExitReason {
             ExitReason::VcpuFailed { vcpu, error, .. } => format!("vCPU {vcpu} failed: {error}"),
             ExitReason::SnapshotMemory { error } => format!("stopped: {error}"),
             ExitReason::Migrated => "migrated: the VM runs on the destination now".into(),
+            ExitReason::MigrationLost { error } => {
+                format!("stopped: post-copy failed, the VM's memory is lost: {error}")
+            }
         }
     }
 }

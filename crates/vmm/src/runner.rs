@@ -258,6 +258,26 @@ fn run_vcpu(vcpu: &mut Vcpu, sh: &Shared) {
     }
 }
 
+/// Where a VM that arrived by migration tells the sender it runs.
+enum Ack {
+    Whole(Box<keel_migration::Channel<std::net::TcpStream>>),
+    /// Post-copy: the sending half, shared with the thread that asks for pages.
+    Shared(Arc<Mutex<keel_migration::ChannelTx<std::net::TcpStream>>>),
+}
+
+impl Ack {
+    fn resumed(self) -> Result<(), keel_migration::Error> {
+        let m = keel_migration::Message::Resumed;
+        match self {
+            Ack::Whole(mut ch) => ch.send(&m).and_then(|()| ch.flush()),
+            Ack::Shared(tx) => {
+                let mut tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+                tx.send(&m).and_then(|()| tx.flush())
+            }
+        }
+    }
+}
+
 /// When a migrated guest's MAC is announced after it starts running here: at once, then
 /// with growing gaps, for switches that missed the first (QEMU's default pattern).
 const ANNOUNCE_AT_MS: [u64; 5] = [0, 50, 150, 300, 500];
@@ -307,6 +327,24 @@ impl Vmm {
         let lazy_memory = self.lazy_memory.take();
         let migration_ack = self.migration_ack.take();
         let announce = std::mem::take(&mut self.announce);
+        // A VM that arrived by post-copy: its threads serve memory before any vCPU runs, and
+        // are ended (closing the userfaultfd) only after the vCPUs are.
+        let (migration_ack, _postcopy) = match (migration_ack, self.postcopy.take()) {
+            (Some(ch), Some(remote)) => {
+                let (tx, rx) = ch.split().map_err(|e| VmmError::Migration(e.to_string()))?;
+                let tx = Arc::new(Mutex::new(tx));
+                let threads = crate::migration::postcopy::PostcopyThreads::start(
+                    remote,
+                    tx.clone(),
+                    rx,
+                    self.shared.stop.clone(),
+                    seccomp,
+                )?;
+                (Some(Ack::Shared(tx)), Some(threads))
+            }
+            (Some(ch), None) => (Some(Ack::Whole(Box::new(ch))), None),
+            (None, _) => (None, None),
+        };
         let _pager = match &lazy_memory {
             Some(lazy) => Some(crate::snapshot::lazy::PagerThreads::start(
                 lazy.clone(),
@@ -394,10 +432,8 @@ impl Vmm {
             .register_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         // A VM that arrived by migration runs here now: the sender may stop. If this word
         // is lost, the sender stays paused (it never resumes without it).
-        if let Some(mut ch) = migration_ack {
-            let said = ch
-                .send(&keel_migration::Message::Resumed)
-                .and_then(|()| ch.flush());
+        if let Some(ack) = migration_ack {
+            let said = ack.resumed();
             match said {
                 Ok(()) => tracing::info!("migration: the VM runs here; told the sender"),
                 Err(e) => {

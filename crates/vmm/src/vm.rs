@@ -104,6 +104,8 @@ pub struct Vmm {
     /// For a VM that arrived by migration: each network interface's tap and the guest's
     /// MAC on it, announced once it runs so traffic follows the guest here.
     pub(crate) announce: Vec<(Arc<keel_net::Tap>, keel_net::MacAddr)>,
+    /// For a VM that arrived by post-copy: its memory still partly at the source.
+    pub(crate) postcopy: Option<Arc<crate::migration::postcopy::Remote>>,
     /// For a VM restored from a snapshot: its memory, served on first use by the pager.
     pub(crate) lazy_memory: Option<Arc<crate::snapshot::lazy::LazyMemory>>,
     /// Left (and removed) when the VMM is dropped.
@@ -421,6 +423,7 @@ impl Assembly {
             disk_info,
             restored_files: Vec::new(),
             announce: Vec::new(),
+            postcopy: None,
             lazy_memory: None,
             migration_ack: None,
             _cgroup: cgroup,

@@ -11,6 +11,7 @@ use crate::snapshot::format::{parse_migration_state, SavedVm};
 use crate::{VmConfig, VmmError};
 use keel_migration::{Channel, Incoming, Message};
 use std::io::{Read, Write};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// What arrived before the VM is built.
 pub(crate) struct Arrived<T> {
@@ -20,6 +21,8 @@ pub(crate) struct Arrived<T> {
     pub ram: GuestRam,
     pub saved: SavedVm,
     pub pages_in: u64,
+    /// Post-copy: what is still at the source, and guest memory still registered.
+    pub postcopy: Option<super::postcopy::Remote>,
     /// What `prepare` made of the machine before its memory came.
     pub prepared: T,
 }
@@ -51,6 +54,13 @@ pub(crate) fn take<S: Read + Write, T>(
     let mut pages_in = 0u64;
     let started = std::time::Instant::now();
     let filler = Filler::new(&ram.all);
+    let end_page = ram
+        .all
+        .iter()
+        .map(|r| (r.start_addr().0 + r.len()) / keel_migration::PAGE as u64)
+        .max()
+        .unwrap_or(0);
+    let stale = super::postcopy::Stale::new(end_page);
     let state = loop {
         let m = ch.recv_incoming().map_err(bad)?;
         match m {
@@ -67,6 +77,13 @@ pub(crate) fn take<S: Read + Write, T>(
                     .and_then(|()| ch.flush())
                     .map_err(bad)?;
             }
+            Incoming::Other(Message::Missing { first_page, count }) => {
+                // Written on the source since sent: dropped here, fetched when touched.
+                filler
+                    .apply(&Incoming::Other(Message::Zeros { first_page, count }))
+                    .map_err(bad)?;
+                stale.mark(first_page, count);
+            }
             Incoming::Other(Message::State(json)) => break json,
             Incoming::Other(Message::Abort(why)) => {
                 return Err(bad(format!("the sender gave up: {why}")))
@@ -74,8 +91,13 @@ pub(crate) fn take<S: Read + Write, T>(
             Incoming::Other(other) => return Err(bad(format!("unexpected {other:?}"))),
         }
     };
-    // Guest memory is the VMM's again (nothing waits on a missing page from here on).
-    drop(filler);
+    let postcopy = if stale.left() > 0 {
+        Some(super::postcopy::Remote::new(filler, stale).map_err(bad)?)
+    } else {
+        // Guest memory is the VMM's again (nothing waits on a missing page from here on).
+        drop(filler);
+        None
+    };
     let saved = parse_migration_state(&state).map_err(bad)?;
     if (saved.config.vcpus, saved.config.memory) != (config.vcpus, config.memory) {
         return Err(bad("the state does not match the offered machine"));
@@ -86,6 +108,7 @@ pub(crate) fn take<S: Read + Write, T>(
         ram,
         saved,
         pages_in,
+        postcopy,
         prepared,
     })
 }

@@ -15,6 +15,8 @@
 pub(crate) mod intake;
 pub(crate) mod pages;
 pub(crate) mod plan;
+pub(crate) mod postcopy;
+mod postcopy_send;
 mod receive;
 
 pub use intake::fuzz_intake;

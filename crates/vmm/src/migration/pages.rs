@@ -116,13 +116,13 @@ pub(crate) fn send<S: Read + Write>(
 /// time). Pages already there (sent again by a later round) are overwritten as usual. While
 /// a `Filler` lives no one else may touch guest memory (a missing page would wait on it);
 /// dropping it unregisters the memory.
-pub(crate) struct Filler<'a> {
-    mem: &'a GuestMemoryMmap,
-    uffd: Option<keel_uffd::Uffd>,
+pub(crate) struct Filler {
+    mem: GuestMemoryMmap,
+    uffd: Option<std::sync::Arc<keel_uffd::Uffd>>,
 }
 
-impl<'a> Filler<'a> {
-    pub(crate) fn new(mem: &'a GuestMemoryMmap) -> Filler<'a> {
+impl Filler {
+    pub(crate) fn new(mem: &GuestMemoryMmap) -> Filler {
         let uffd = (|| -> Result<keel_uffd::Uffd, String> {
             let uffd = keel_uffd::Uffd::new().map_err(|e| e.to_string())?;
             for r in mem.iter() {
@@ -135,13 +135,25 @@ impl<'a> Filler<'a> {
             Ok(uffd)
         })();
         let uffd = match uffd {
-            Ok(u) => Some(u),
+            Ok(u) => Some(std::sync::Arc::new(u)),
             Err(e) => {
                 tracing::debug!("migration: pages are written plainly (userfaultfd: {e})");
                 None
             }
         };
-        Filler { mem, uffd }
+        Filler {
+            mem: mem.clone(),
+            uffd,
+        }
+    }
+
+    /// The userfaultfd guest memory is registered with, if the host gave one.
+    pub(crate) fn uffd(&self) -> Option<&std::sync::Arc<keel_uffd::Uffd>> {
+        self.uffd.as_ref()
+    }
+
+    pub(crate) fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
     }
 
     /// Whether pages `first..first+count` all lie inside one guest RAM region.

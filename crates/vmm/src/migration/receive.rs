@@ -170,6 +170,7 @@ impl Vmm {
             ram,
             saved,
             pages_in,
+            postcopy,
             prepared: (cgroup, hv, vm),
         } = arrived;
         // Opened now, not before: until its state was sent the sender wrote them, and it
@@ -178,8 +179,83 @@ impl Vmm {
         same_disks(&disks, &offer)?;
         tracing::info!("migration: {pages_in} pages in; building the VM");
         let state_in = std::time::Instant::now();
-        let mut vmm =
-            Self::restore_machine(&saved, hv, vm, config.clone(), ram, disks, cgroup, io)?;
+        let Some(remote) = postcopy else {
+            let vmm =
+                Self::restore_machine(&saved, hv, vm, config.clone(), ram, disks, cgroup, io)?;
+            let vmm = Self::received(vmm, &config, &saved, state_in);
+            // Built; it runs only once the sender has stopped for good.
+            ch.send(&Message::Ready)
+                .and_then(|()| ch.flush())
+                .map_err(bad)?;
+            return match ch.recv() {
+                Ok(Message::Go) => Ok(vmm),
+                Ok(other) => Err(bad(format!(
+                    "the sender did not commit ({other:?}): not running the VM"
+                ))),
+                Err(e) => Err(bad(format!(
+                    "{e}; the sender did not commit: not running the VM"
+                ))),
+            };
+        };
+        // Post-copy: pages still at the source may be touched while the VM is built; a
+        // thread serves them, says Ready once it is built and waits for Go.
+        tracing::info!(
+            "migration: post-copy, {} pages still at the source",
+            remote.stale.left()
+        );
+        let remote = std::sync::Arc::new(remote);
+        let built = std::sync::Mutex::new(super::postcopy::Built::Pending);
+        let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            VmmError::Io {
+                what: "post-copy eventfd",
+                source,
+            }
+        })?;
+        let (vmm, served) = std::thread::scope(|s| {
+            let server = std::thread::Builder::new()
+                .name("postcopy-setup".into())
+                .spawn_scoped(s, || {
+                    super::postcopy::serve_until_go(&remote, ch, &built, &wake)
+                });
+            let server = match server {
+                Ok(t) => t,
+                Err(e) => {
+                    return (
+                        Err(bad(format!("spawning the post-copy server: {e}"))),
+                        Ok(()),
+                    )
+                }
+            };
+            let vmm = Self::restore_machine(&saved, hv, vm, config.clone(), ram, disks, cgroup, io);
+            *built.lock().unwrap_or_else(|p| p.into_inner()) = if vmm.is_ok() {
+                super::postcopy::Built::Ok
+            } else {
+                super::postcopy::Built::Failed
+            };
+            let _ = wake.write(1);
+            let served = server
+                .join()
+                .unwrap_or_else(|_| Err("the post-copy server panicked".into()));
+            (vmm, served)
+        });
+        let vmm = vmm?;
+        served.map_err(|e| {
+            bad(format!(
+                "{e}; the sender did not commit: not running the VM"
+            ))
+        })?;
+        let mut vmm = Self::received(vmm, &config, &saved, state_in);
+        vmm.postcopy = Some(remote);
+        Ok(vmm)
+    }
+
+    /// A received VM's finishing touches: its disks for the jail, its MACs to announce.
+    fn received(
+        mut vmm: Vmm,
+        config: &VmConfig,
+        saved: &crate::snapshot::format::SavedVm,
+        t: std::time::Instant,
+    ) -> Vmm {
         // The disks as `--disk` named them, for the jail.
         vmm.restored_files = config
             .disks
@@ -191,19 +267,7 @@ impl Vmm {
             _ => None,
         });
         vmm.announce = vmm.pci.taps.iter().cloned().zip(macs).collect();
-        tracing::debug!("migration: built in {:?}", state_in.elapsed());
-        // Built; it runs only once the sender has stopped for good.
-        ch.send(&Message::Ready)
-            .and_then(|()| ch.flush())
-            .map_err(bad)?;
-        match ch.recv() {
-            Ok(Message::Go) => Ok(vmm),
-            Ok(other) => Err(bad(format!(
-                "the sender did not commit ({other:?}): not running the VM"
-            ))),
-            Err(e) => Err(bad(format!(
-                "{e}; the sender did not commit: not running the VM"
-            ))),
-        }
+        tracing::debug!("migration: built in {:?}", t.elapsed());
+        vmm
     }
 }

@@ -34,6 +34,18 @@ fn dirty_pages(vm: &Vm, mem: &crate::memory::GuestMemoryMmap) -> Result<Vec<u64>
     Ok(pages)
 }
 
+/// `pages` (sorted) as (first, count) runs of consecutive pages.
+fn ranges(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
 /// How long each step of the pause took, for the log.
 struct Steps {
     last: Instant,
@@ -140,15 +152,16 @@ impl Snapshotter {
         // by KVM, the devices' by the memory's bitmap.
         let mut plan = super::plan::Plan::new(Duration::from_millis(req.downtime_ms), MAX_ROUNDS);
         let mut sent = pages::Sent::default();
-        let (carried, converged) = match self.precopy(vm, sh, &mut ch, &mut plan, &mut sent) {
-            Ok(done) => done,
-            Err(why) => {
-                let _ = vm.set_dirty_logging(false);
-                let _ = ch.send(&Message::Abort(why.clone()));
-                tracing::warn!("migration failed, the VM goes on here: {why}");
-                return Err(goes_on(why));
-            }
-        };
+        let (carried, converged) =
+            match self.precopy(vm, sh, &mut ch, &mut plan, &mut sent, req.postcopy) {
+                Ok(done) => done,
+                Err(why) => {
+                    let _ = vm.set_dirty_logging(false);
+                    let _ = ch.send(&Message::Abort(why.clone()));
+                    tracing::warn!("migration failed, the VM goes on here: {why}");
+                    return Err(goes_on(why));
+                }
+            };
 
         let was_paused = sh.pause.is_paused();
         if !was_paused {
@@ -164,6 +177,9 @@ impl Snapshotter {
         let mut paused_devices = Vec::new();
         let mut handed_over = Vec::new();
         let mut committed = false;
+        // Post-copy when asked, or when pre-copy did not converge (the guest dirties faster
+        // than pages go: another pause-and-copy would be long).
+        let postcopy = req.postcopy || !converged;
         let result = self.send_paused(
             vm,
             sh,
@@ -171,11 +187,15 @@ impl Snapshotter {
             (&mut paused_devices, &mut handed_over),
             &mut committed,
             carried,
+            postcopy,
         );
-        let downtime = paused_at.elapsed();
+        let downtime = match &result {
+            Ok((_, Some(resumed))) => resumed.duration_since(paused_at),
+            _ => paused_at.elapsed(),
+        };
         let _ = vm.set_dirty_logging(false);
         match result {
-            Ok(last) => {
+            Ok((last, _)) => {
                 // The destination runs the VM: this one never runs again.
                 sh.stop.request(ExitReason::Migrated);
                 let reply = MigrateReply {
@@ -186,6 +206,7 @@ impl Snapshotter {
                     data_pages: sent.data_pages + last.data_pages,
                     zero_pages: sent.zero_pages + last.zero_pages,
                     converged,
+                    postcopy_pages: if postcopy { last.data_pages } else { 0 },
                 };
                 tracing::info!(
                     "migrated: {} MiB sent in {:.1} ms over {} rounds, guest paused {:.1} ms",
@@ -241,6 +262,7 @@ impl Snapshotter {
         ch: &mut Channel<TcpStream>,
         plan: &mut super::plan::Plan,
         sent: &mut pages::Sent,
+        postcopy: bool,
     ) -> Result<(Vec<u64>, bool), String> {
         let e = |e: keel_migration::Error| e.to_string();
         vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
@@ -271,6 +293,8 @@ impl Snapshotter {
             plan.record(ch.sent_bytes() - before, t.elapsed());
             list = dirty_pages(vm, &sh.mem)?;
             let converged = match plan.next(list.len() as u64) {
+                // Asked for post-copy: the first round is all of memory; the rest follows.
+                _ if postcopy => true,
                 super::plan::Next::Round => continue,
                 super::plan::Next::StopAndCopy => true,
                 super::plan::Next::NotConverging => false,
@@ -314,7 +338,10 @@ impl Snapshotter {
     }
 
     /// With the vCPUs and devices paused: the machine state, the pages pre-copy carried and
-    /// those dirtied since, the state; then the destination's word.
+    /// those dirtied since (or, post-copy, their numbers only), the state; then the
+    /// destination's word (post-copy: while every missing page goes). The pages sent here,
+    /// and when the destination said the VM runs, if later than the commit.
+    #[allow(clippy::too_many_arguments)]
     fn send_paused(
         &mut self,
         vm: &Vm,
@@ -323,7 +350,8 @@ impl Snapshotter {
         (paused_devices, handed_over): (&mut Vec<PausedDevice>, &mut Vec<Arc<dyn DiskImage>>),
         committed: &mut bool,
         mut list: Vec<u64>,
-    ) -> Result<pages::Sent, String> {
+        postcopy: bool,
+    ) -> Result<(pages::Sent, Option<Instant>), String> {
         let e = |e: keel_migration::Error| e.to_string();
         let mut steps = Steps::default();
         // Devices stop (their requests in flight complete) before the last look at the logs.
@@ -341,6 +369,21 @@ impl Snapshotter {
         list.extend(dirty_pages(vm, &sh.mem)?);
         list.sort_unstable();
         list.dedup();
+        if postcopy {
+            for (first_page, count) in ranges(&list) {
+                ch.send(&Message::Missing { first_page, count })
+                    .map_err(e)?;
+            }
+            let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
+            ch.send(&Message::State(state))
+                .and_then(|()| ch.flush())
+                .map_err(e)?;
+            steps.mark("missing list and state");
+            tracing::info!("migration: post-copy of {} pages", list.len());
+            let done = super::postcopy_send::serve(ch, &sh.mem, &list, committed)?;
+            tracing::info!("migration: the pause, step by step: {steps}");
+            return Ok(done);
+        }
         let sent = pages::send(ch, &sh.mem, list)?;
         let state = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
         ch.send(&Message::State(state)).map_err(e)?;
@@ -360,7 +403,7 @@ impl Snapshotter {
             Message::Resumed => {
                 steps.mark("destination resumed");
                 tracing::info!("migration: the pause, step by step: {steps}");
-                Ok(sent)
+                Ok((sent, None))
             }
             other => Err(format!(
                 "the destination did not confirm it runs the VM ({other:?})"
