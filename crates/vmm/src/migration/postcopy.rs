@@ -238,10 +238,25 @@ pub(crate) fn serve_until_go(
     }
 }
 
+/// The source went away with pages the VM needs: it cannot go on, and cannot even be torn
+/// down in order (a vCPU or device thread may wait on a page that will never come, and
+/// waking it with anything but that page would let it use memory that is not the VM's: a
+/// device could write it to a disk). The process ends here, saying why; the supervisor
+/// cleans up after it.
+fn lost(error: String) -> ! {
+    let reason = ExitReason::MigrationLost { error };
+    let why = reason.describe();
+    tracing::error!("{why}");
+    eprintln!("keel: {why}");
+    std::process::exit(reason.exit_code());
+}
+
 /// The two threads that finish post-copy once the VM runs (confined like the snapshot
 /// pager). Dropping this (after the vCPUs stopped) ends them, and closes the userfaultfd.
 pub(crate) struct PostcopyThreads {
     quit: Arc<EventFd>,
+    /// Set before the connection is shut down at teardown: the reader's error then is ours.
+    ending: Arc<AtomicBool>,
     /// The connection, shut down on drop so the receiving thread's read ends.
     sock: TcpStream,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -286,7 +301,8 @@ impl PostcopyThreads {
         };
         let mut threads = Vec::new();
         // Pages in: placed as they come; the VM stops if the source goes away first.
-        let (r, a, s) = (remote.clone(), arrived.clone(), stop.clone());
+        let ending = Arc::new(AtomicBool::new(false));
+        let (r, a, end) = (remote.clone(), arrived.clone(), ending.clone());
         threads.push(spawn(
             "postcopy-in",
             Box::new(move || loop {
@@ -300,19 +316,13 @@ impl PostcopyThreads {
                     .and_then(|m| r.take(m));
                 match result {
                     Ok(None) => {}
-                    Ok(Some(other)) => {
-                        return s.request(ExitReason::MigrationLost {
-                            error: format!("the source sent {other:?} during post-copy"),
-                        })
-                    }
-                    Err(e) => {
-                        return s.request(ExitReason::MigrationLost {
-                            error: format!(
-                                "{e}, with {} pages still at the source",
-                                r.stale.left()
-                            ),
-                        })
-                    }
+                    // The VM ended here first (its guest powered off): nothing is lost.
+                    Err(_) if end.load(Ordering::Acquire) => return,
+                    Ok(Some(other)) => lost(format!("the source sent {other:?} during post-copy")),
+                    Err(e) => lost(format!(
+                        "{e}, with {} pages still at the source",
+                        r.stale.left()
+                    )),
                 }
             }),
             stop.clone(),
@@ -341,8 +351,8 @@ impl PostcopyThreads {
                         return;
                     }
                     if let Err(err) = r.serve_all(&mut want) {
-                        // The source is gone: stale pages cannot come; zero pages still can.
-                        s.request(ExitReason::MigrationLost { error: err });
+                        // The source is gone: stale pages cannot come.
+                        lost(err);
                     }
                     if ready[2] {
                         tracing::info!("post-copy: every page is here");
@@ -354,6 +364,7 @@ impl PostcopyThreads {
         )?);
         Ok(PostcopyThreads {
             quit,
+            ending,
             sock,
             threads,
         })
@@ -362,6 +373,7 @@ impl PostcopyThreads {
 
 impl Drop for PostcopyThreads {
     fn drop(&mut self) {
+        self.ending.store(true, Ordering::Release);
         let _ = self.quit.write(1);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         for t in self.threads.drain(..) {
