@@ -43,6 +43,8 @@ struct Vm {
     /// The last tick taken from `ticks`.
     last: std::cell::Cell<Option<u32>>,
     err: Option<std::thread::JoinHandle<String>>,
+    /// Stderr so far, as it comes.
+    err_now: Arc<Mutex<String>>,
 }
 
 impl Vm {
@@ -85,10 +87,16 @@ impl Vm {
                 }
             }
         });
+        let err_now = Arc::new(Mutex::new(String::new()));
+        let e = err_now.clone();
         let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                if let Ok(mut s) = e.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+            e.lock().map(|s| s.clone()).unwrap_or_default()
         });
         Ok(Vm {
             child,
@@ -96,6 +104,7 @@ impl Vm {
             gaps,
             last: std::cell::Cell::new(None),
             err: Some(err),
+            err_now,
         })
     }
 
@@ -172,10 +181,23 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                return Err(format!("still running after {within:?}").into());
+                let said = self.err_now.lock().map(|s| s.clone()).unwrap_or_default();
+                return Err(format!("still running after {within:?}; it said:\n{said}").into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (at most `within`) until the process has said `what` on stderr.
+    fn said(&self, what: &str, within: Duration) -> Result<(), Failed> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.err_now.lock().is_ok_and(|s| s.contains(what)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(format!("no {what:?} within {within:?}").into())
     }
 
     fn stop(mut self) -> Result<(Option<i32>, String), Failed> {
@@ -486,8 +508,8 @@ fn a_source_dying_in_postcopy_stops_the_destination_vm() -> Result<(), Failed> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    // Once the VM runs on the destination (its first second there), kill the source.
-    let first = dst.ticks_to(0, Duration::from_secs(60))?;
+    // As soon as the VM runs on the destination, kill the source.
+    dst.said("the VM runs here", Duration::from_secs(60))?;
     let vmm = support::vmm_pid(src.child.id());
     // SAFETY: kill(2) on the source's jailed VMM, a process this test started.
     unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
@@ -496,8 +518,7 @@ fn a_source_dying_in_postcopy_stops_the_destination_vm() -> Result<(), Failed> {
     let (code, err) = dst.end(Duration::from_secs(30))?;
     if err.contains("every page is here") {
         return Err(format!(
-            "post-copy finished before the source died (first second there {first:?}): the \
-             test needs a larger stale set\n{err}"
+            "post-copy finished before the source died: the test needs a larger stale set\n{err}"
         )
         .into());
     }

@@ -244,11 +244,20 @@ pub(crate) fn serve_until_go(
 /// device could write it to a disk). The process ends here, saying why; the supervisor
 /// cleans up after it.
 fn lost(error: String) -> ! {
-    let reason = ExitReason::MigrationLost { error };
-    let why = reason.describe();
-    tracing::error!("{why}");
-    eprintln!("keel: {why}");
-    std::process::exit(reason.exit_code());
+    // Both threads may find the loss at once; exit(3) is not safe to race, _exit(2) is.
+    static ONCE: AtomicBool = AtomicBool::new(false);
+    if !ONCE.swap(true, Ordering::AcqRel) {
+        let reason = ExitReason::MigrationLost { error };
+        let why = reason.describe();
+        tracing::error!("{why}");
+        eprintln!("keel: {why}");
+        // SAFETY: _exit ends the process without running anything of it: no destructor,
+        // atexit handler or lock another thread may hold is involved.
+        unsafe { libc::_exit(reason.exit_code()) };
+    }
+    loop {
+        std::thread::park();
+    }
 }
 
 /// The two threads that finish post-copy once the VM runs (confined like the snapshot
