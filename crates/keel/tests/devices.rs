@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::console::{run_cmd, Vm};
-use support::{asset, skip_all, Host, Scratch};
+use support::{asset, fnv, skip_all, Host, Scratch};
 
 /// A persistent tap with the host's end of a /24 on it; deleted on drop.
 struct HostTap {
@@ -180,16 +180,6 @@ fn all_devices(a: &Assets) -> Result<(), Failed> {
     vm.signal(libc::SIGTERM);
     vm.wait_for("keel-init: power button pressed")?;
     vm.expect_clean_end("guest powered off")
-}
-
-/// FNV-1a 64, as keel-init prints it for `vdb`.
-fn fnv(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// Issue 5: a booted guest with a virtio disk and NIC, snapshotted, killed and restored in a

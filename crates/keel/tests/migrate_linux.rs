@@ -16,20 +16,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::console::Vm;
 use support::hosts::Hosts;
-use support::{asset, skip_all, Host, Scratch};
+use support::{asset, fnv, skip_all, Host, Scratch};
 
 struct Assets {
     vmlinux: PathBuf,
     rootfs: PathBuf,
-}
-
-fn fnv(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// "N packets transmitted, M received" → (N, M).

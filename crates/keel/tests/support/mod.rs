@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod hosts;
+pub mod kit;
 
 use libtest_mimic::Trial;
 use std::path::{Path, PathBuf};
@@ -108,4 +109,16 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// FNV-1a (64-bit) of `bytes`, in hex: what keel-init reports for a disk it read
+/// (`keel_report=vdb`).
+#[allow(dead_code)] // the Linux disk tests' only
+pub fn fnv(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
