@@ -81,15 +81,16 @@ pub(crate) fn serve(
         }
         if left > 0 {
             // The next run of consecutive pages not sent yet.
-            while cursor < missing.len() && sent_flags[cursor] {
+            while sent_flags.get(cursor) == Some(&true) {
                 cursor += 1;
             }
-            let first = missing[cursor];
+            let Some(&first) = missing.get(cursor) else {
+                return Err("post-copy lost count of the pages it sent".into());
+            };
             let mut n = 0usize;
-            while cursor + n < missing.len()
-                && n < MAX_RUN_PAGES
-                && !sent_flags[cursor + n]
-                && missing[cursor + n] == first + n as u64
+            while n < MAX_RUN_PAGES
+                && sent_flags.get(cursor + n) == Some(&false)
+                && missing.get(cursor + n) == Some(&(first + n as u64))
             {
                 n += 1;
             }
