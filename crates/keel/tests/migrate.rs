@@ -96,17 +96,8 @@ fn a_vm_with_a_disk_moves_on_shared_storage() -> Result<(), Failed> {
     std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
     let (src_api, dst_api) = (dir.path("src.sock"), dir.path("dst.sock"));
     let port = port();
-    let dst = Vm::spawn(keel().args([
-        "receive",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--migration-key",
-        &key.display().to_string(),
-        "--api-socket",
-        &dst_api.display().to_string(),
-        "--disk",
-        &format!("path={}", disk.display()),
-    ]))?;
+    let disk_arg = format!("path={}", disk.display());
+    let dst = Vm::receiver_with(port, &key, &dst_api, &["--disk", &disk_arg])?;
     let src = Vm::spawn(&mut disk_guest(&disk, &src_api))?;
     wait_socket(&src_api)?;
     src.ticks_to(5, Duration::from_secs(20))?;

@@ -131,15 +131,20 @@ impl Vm {
     }
 
     pub fn receiver(port: u16, key: &Path, api: &Path) -> Result<Vm, Failed> {
-        Vm::spawn(keel().args([
-            "receive",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--migration-key",
-            &key.display().to_string(),
-            "--api-socket",
-            &api.display().to_string(),
-        ]))
+        Vm::receiver_with(port, key, api, &[])
+    }
+
+    /// `keel receive` on loopback `port`, with `extra` arguments (this host's devices).
+    pub fn receiver_with(port: u16, key: &Path, api: &Path, extra: &[&str]) -> Result<Vm, Failed> {
+        Vm::spawn(
+            keel()
+                .args(["receive", "--listen", &format!("127.0.0.1:{port}")])
+                .arg("--migration-key")
+                .arg(key)
+                .arg("--api-socket")
+                .arg(api)
+                .args(extra),
+        )
     }
 
     /// Ticks until one is at least `want`; every tick seen, in order.
