@@ -152,6 +152,26 @@ impl Half {
     fn plain(&self, n: usize) -> &[u8] {
         self.buf.get(..n).unwrap_or_default()
     }
+
+    fn send<W: Write>(&mut self, w: &mut W, m: &crate::Message) -> Result<()> {
+        m.encode_into(self.begin());
+        self.seal_to(w)
+    }
+
+    fn send_pages<W: Write>(&mut self, w: &mut W, first_page: u64, data: &[u8]) -> Result<()> {
+        crate::message::encode_pages(self.begin(), first_page, data);
+        self.seal_to(w)
+    }
+
+    fn recv<R: Read>(&mut self, r: &mut R) -> Result<crate::Message> {
+        let n = self.open_from(r)?;
+        crate::Message::decode(self.plain(n))
+    }
+
+    fn recv_incoming<R: Read>(&mut self, r: &mut R) -> Result<crate::Incoming<'_>> {
+        let n = self.open_from(r)?;
+        crate::Incoming::decode(self.plain(n))
+    }
 }
 
 /// An authenticated, encrypted migration stream over `S` (a TCP connection).
@@ -307,28 +327,24 @@ impl<S: Read + Write> Channel<S> {
 
     /// Sends `m`.
     pub fn send(&mut self, m: &crate::Message) -> Result<()> {
-        m.encode_into(self.tx.begin());
-        self.tx.seal_to(&mut self.stream)
+        self.tx.send(&mut self.stream, m)
     }
 
     /// Sends guest pages from `first_page` on (what [`crate::Message::Pages`] carries),
     /// without a copy of them in a message first.
     pub fn send_pages(&mut self, first_page: u64, data: &[u8]) -> Result<()> {
-        crate::message::encode_pages(self.tx.begin(), first_page, data);
-        self.tx.seal_to(&mut self.stream)
+        self.tx.send_pages(&mut self.stream, first_page, data)
     }
 
     /// Receives the next message.
     pub fn recv(&mut self) -> Result<crate::Message> {
-        let n = self.rx.open_from(&mut self.stream)?;
-        crate::Message::decode(self.rx.plain(n))
+        self.rx.recv(&mut self.stream)
     }
 
     /// Receives the next message, guest pages left where they were decrypted: valid until
     /// the next call.
     pub fn recv_incoming(&mut self) -> Result<crate::Incoming<'_>> {
-        let n = self.rx.open_from(&mut self.stream)?;
-        crate::Incoming::decode(self.rx.plain(n))
+        self.rx.recv_incoming(&mut self.stream)
     }
 
     /// Flushes what was written.
@@ -373,14 +389,12 @@ impl<S: Duplex> Channel<S> {
 impl<S: Write> ChannelTx<S> {
     /// Sends `m`.
     pub fn send(&mut self, m: &crate::Message) -> Result<()> {
-        m.encode_into(self.tx.begin());
-        self.tx.seal_to(&mut self.stream)
+        self.tx.send(&mut self.stream, m)
     }
 
     /// Sends guest pages from `first_page` on.
     pub fn send_pages(&mut self, first_page: u64, data: &[u8]) -> Result<()> {
-        crate::message::encode_pages(self.tx.begin(), first_page, data);
-        self.tx.seal_to(&mut self.stream)
+        self.tx.send_pages(&mut self.stream, first_page, data)
     }
 
     /// Flushes what was written.
@@ -401,14 +415,12 @@ impl<S: Write> ChannelTx<S> {
 impl<S: Read> ChannelRx<S> {
     /// Receives the next message.
     pub fn recv(&mut self) -> Result<crate::Message> {
-        let n = self.rx.open_from(&mut self.stream)?;
-        crate::Message::decode(self.rx.plain(n))
+        self.rx.recv(&mut self.stream)
     }
 
     /// Receives the next message, guest pages left where they were decrypted.
     pub fn recv_incoming(&mut self) -> Result<crate::Incoming<'_>> {
-        let n = self.rx.open_from(&mut self.stream)?;
-        crate::Incoming::decode(self.rx.plain(n))
+        self.rx.recv_incoming(&mut self.stream)
     }
 
     pub fn received_bytes(&self) -> u64 {

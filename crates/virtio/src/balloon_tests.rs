@@ -1,6 +1,6 @@
 use super::*;
 use crate::test_util::{memory, wait_for, TestInterrupt, TestQueue};
-use vm_memory::{Bytes, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestRegionMmap, MmapRegion};
 
 const MIB: u64 = 1 << 20;
 
